@@ -1,0 +1,102 @@
+"""The ``realitystone`` torch.compile backend: rewrite passes, then Inductor.
+
+``torch.compile(model, backend="realitystone")`` finds :data:`realitystone` through the
+``torch_dynamo_backends`` entry point. Dynamo guards on the backend's identity, so backends are
+built once per set of options (:func:`backend` caches them) rather than per call.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from rs_compile.config import CompressionConfig
+from rs_compile.lowering import install_lowerings
+from rs_compile.lowering.cache import inductor_config_patches
+from rs_compile.passes.graph import GraphRewrite
+from rs_compile.passes.linear import compress_linears
+from rs_compile.report import Report, readable_graph
+
+log = logging.getLogger("rs_compile")
+
+
+def compile_graph(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: CompressionConfig,
+    report: Report,
+    record_graphs: bool = False,
+    mode: str | None = None,
+) -> Callable:
+    """Rewrite one dynamo graph and compile it with Inductor.
+
+    Compressed weights become trailing inputs of the rewritten graph; the returned callable
+    appends them, so the codes live once in memory and Inductor treats them as ordinary inputs.
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    install_lowerings()
+    rw = GraphRewrite(gm, example_inputs)
+    local = Report()
+    compress_linears(rw, config, local)
+    new_gm = rw.finish()
+    if record_graphs:
+        local.graphs_before.append(readable_graph(gm))
+        local.graphs_after.append(readable_graph(new_gm))
+    log.info("rewrote %d linear(s), %d attention(s), skipped %d in graph of %d nodes",
+             len(local.linear_rewrites), len(local.attention_rewrites), len(local.skipped),
+             len(gm.graph.nodes))
+    for s in local.skipped:
+        log.debug("skipped %s: %s", s.module, s.reason)
+    torch._logging.trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": "rs_compile_rewritten_graph", "encoding": "string"},
+        payload_fn=lambda: readable_graph(new_gm),
+    )
+    report.extend(local)
+
+    patches = inductor_config_patches()
+    if mode:
+        from torch._inductor import list_mode_options
+
+        patches.update(list_mode_options(mode))
+    extras = tuple(rw.extra_inputs)
+    compiled = compile_fx(new_gm, [*example_inputs, *extras], config_patches=patches)
+    if not extras:
+        return compiled
+
+    def run(*args):
+        return compiled(*args, *extras)
+
+    return run
+
+
+class RealityStoneBackend:
+    """A dynamo backend with fixed defaults; ``options={...}`` from torch.compile override them."""
+
+    def __init__(self, config: CompressionConfig | None = None, record_graphs: bool = False):
+        self.config = config or CompressionConfig()
+        self.record_graphs = record_graphs
+        self.report = Report()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs, options: dict | None = None,
+                 mode: str | None = None):
+        config = CompressionConfig.from_options(self.config, options)
+        return compile_graph(gm, example_inputs, config, self.report, self.record_graphs, mode)
+
+
+realitystone = RealityStoneBackend()
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_backend(config: CompressionConfig) -> RealityStoneBackend:
+    return RealityStoneBackend(config)
+
+
+def backend(**options: Any) -> RealityStoneBackend:
+    """``torch.compile(model, backend=rs_compile.backend(bits=8))``; same options, same object."""
+    return _cached_backend(CompressionConfig.from_options(None, options))

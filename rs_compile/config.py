@@ -1,0 +1,60 @@
+"""CompressionConfig: every user-facing knob, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from rs_compile.codec.format import SUPPORTED_BITS, check_format
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionConfig:
+    """How rs_compile compresses a model.
+
+    bits: code width per weight (2, 3, 4 or 8).
+    group_size: weights per (scale, curvature) group along in_features; a positive multiple of 8.
+        in_features that are not a multiple are zero-padded (the padding is stored, never read back).
+    curvatures: how many per-group curvature choices the encoder may pick from (1 to 256).
+    curv_step: curvature of choice i is ``i * curv_step`` (0 gives uniform levels).
+    min_features: linears with in_features or out_features below this stay dense.
+    compress_tied: also compress a weight the graph reads elsewhere (e.g. a tied lm_head); the
+        other readers keep the dense tensor, so this trades memory for decode speed.
+    attention: rewrite attention patterns into ``rs::attention``.
+    fuse_qkv: fuse q/k/v projections of one input into a single compressed linear.
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    curvatures: int = 4
+    curv_step: float = 1.0
+    min_features: int = 16
+    compress_tied: bool = False
+    attention: bool = True
+    fuse_qkv: bool = True
+
+    def __post_init__(self) -> None:
+        check_format(self.bits, self.group_size)
+        if not isinstance(self.curvatures, int) or not 1 <= self.curvatures <= 256:
+            raise ValueError(f"curvatures={self.curvatures!r} is invalid; valid range is 1..256")
+        if not (isinstance(self.curv_step, (int, float)) and math.isfinite(self.curv_step)
+                and self.curv_step >= 0):
+            raise ValueError(f"curv_step={self.curv_step!r} is invalid; it must be a finite float >= 0")
+        if not isinstance(self.min_features, int) or self.min_features < 1:
+            raise ValueError(f"min_features={self.min_features!r} is invalid; it must be an int >= 1")
+
+    @classmethod
+    def from_options(
+        cls, base: "CompressionConfig | None" = None, options: Mapping[str, Any] | None = None
+    ) -> "CompressionConfig":
+        """Merge ``options`` into ``base``; unknown keys are a ValueError listing the valid ones."""
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown rs_compile option(s) {unknown}; valid options are {valid} "
+                f"(bits in {SUPPORTED_BITS})"
+            )
+        return dataclasses.replace(base or cls(), **options)

@@ -1,0 +1,98 @@
+"""``convert``: swap a model's Linear / Conv1D layers for CompressedLinear, all or nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rs_compile.codec.encode import encode
+from rs_compile.config import CompressionConfig
+from rs_compile.modules import CompressedLinear
+from rs_compile.report import LinearRewrite, Report
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain PyTorch models
+        return None
+    return Conv1D
+
+
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight in [out, in] layout, bias) of a layer convert understands, else None."""
+    if type(module) is nn.Linear:
+        return module.weight, module.bias
+    conv1d = _conv1d_type()
+    if conv1d is not None and type(module) is conv1d:
+        return module.weight.t(), module.bias  # Conv1D stores [in, out]
+    return None
+
+
+def _tied_names(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def convert(
+    model: nn.Module,
+    config: CompressionConfig | None = None,
+    *,
+    progress: bool = False,
+    **overrides: Any,
+) -> nn.Module:
+    """Compress every eligible Linear / Conv1D of ``model`` in place and return it.
+
+    Every new module is built before any is swapped in, so an error part-way (a NaN weight,
+    a bad option) leaves the model exactly as it was. The report of what was converted and
+    what was skipped (with reasons) is attached as ``model.rs_report``.
+    """
+    config = CompressionConfig.from_options(config, overrides)
+    if isinstance(model, CompressedLinear):
+        raise ValueError("convert expects a model containing layers, got a single CompressedLinear")
+    tied = _tied_names(model)
+    report = Report()
+    layers = [(n, m, lw) for n, m in model.named_modules() if (lw := linear_weight(m)) is not None]
+    new: dict[str, CompressedLinear] = {}
+    for name, module, (weight, bias) in tqdm(layers, desc="rs_compile convert", disable=not progress):
+        reason = _skip_reason(name, module, weight, config, tied)
+        if reason:
+            report.skip(name, reason)
+            continue
+        if not torch.isfinite(weight).all():
+            raise ValueError(
+                f"layer {name!r} has NaN/Inf weights; rs_compile cannot encode them. Fix the "
+                "checkpoint, or exclude the layer by converting a sub-module instead. "
+                "The model was left unchanged."
+            )
+        enc = encode(weight.detach(), config.bits, config.group_size, config.curvatures,
+                     config.curv_step)
+        new[name] = CompressedLinear(enc, bias).to(weight.device)
+        report.linear_rewrites.append(LinearRewrite(
+            module=name, pattern=type(module).__name__, out_features=enc.out_features,
+            in_features=enc.in_features, bits=enc.bits,
+            dense_bytes=weight.numel() * weight.element_size(), compressed_bytes=enc.nbytes()))
+    for name, module in new.items():
+        model.set_submodule(name, module)
+    model.rs_report = report
+    return model
+
+
+def _skip_reason(name, module, weight, config, tied) -> str | None:
+    if weight.device.type == "meta":
+        return "weight is on the meta device (load real weights first, or use rs_compile.load)"
+    if not weight.is_floating_point():
+        return f"weight dtype {weight.dtype} is not floating point"
+    if min(weight.shape) < config.min_features:
+        return f"weight {tuple(weight.shape)} smaller than min_features={config.min_features}"
+    p = module.weight
+    others = [n for n in tied.get(id(p), []) if not n.startswith(f"{name}.")]
+    if others and not config.compress_tied:
+        return (f"weight is tied with {others}; compressing would keep a dense copy beside the "
+                "codes - pass compress_tied=True to compress it anyway")
+    return None

@@ -1,0 +1,48 @@
+"""CompressedLinear: the module ``convert`` swaps in for nn.Linear and transformers' Conv1D."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rs_compile.codec.encode import EncodedWeight
+from rs_compile.codec.format import decode_weight
+from rs_compile.ops.linear import poincare_linear
+
+
+class CompressedLinear(nn.Module):
+    """y = x @ W.T + b with W held only as Poincare codes (buffers), executed by rs::poincare_linear.
+
+    Buffers: ``codes`` (uint8), ``scales`` (float16), ``curv`` (uint8), and the dense ``bias``
+    if the original layer had one. No dense weight is kept.
+    """
+
+    def __init__(self, encoded: EncodedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("codes", encoded.codes)
+        self.register_buffer("scales", encoded.scales)
+        self.register_buffer("curv", encoded.curv)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.bits = encoded.bits
+        self.group_size = encoded.group_size
+        self.in_features = encoded.in_features
+        self.out_features = encoded.out_features
+        self.curv_step = encoded.curv_step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return poincare_linear(x, self.codes, self.scales, self.curv, self.bias, self.bits,
+                               self.group_size, self.in_features, self.curv_step)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense float32 weight [out, in] the codes represent (what the op multiplies by)."""
+        return decode_weight(self.codes, self.scales, self.curv, self.bits, self.group_size,
+                             self.in_features, self.curv_step)
+
+    def meta(self) -> dict:
+        return dict(bits=self.bits, group_size=self.group_size, in_features=self.in_features,
+                    out_features=self.out_features, curv_step=self.curv_step,
+                    bias=self.bias is not None)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
