@@ -10,8 +10,11 @@ from rs_compile.backend import backend, realitystone
 from rs_compile.config import CompressionConfig
 from rs_compile.convert import convert
 from rs_compile.inspection import inspect
+from rs_compile.kernels import register_triton_kernels
 from rs_compile.modules import CompressedLinear
 from rs_compile.report import Report
+
+register_triton_kernels()  # CUDA implementations, only when a Triton GPU driver is active
 
 __version__ = "0.1.0"
 __all__ = ["CompressionConfig", "CompressedLinear", "Report", "backend", "convert", "inspect",

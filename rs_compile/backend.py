@@ -65,7 +65,8 @@ def compile_graph(
 
         patches.update(list_mode_options(mode))
     extras = tuple(rw.extra_inputs)
-    compiled = compile_fx(new_gm, [*example_inputs, *extras], config_patches=patches)
+    compiled = compile_fx(new_gm, [*example_inputs, *_static_fakes(example_inputs, extras)],
+                          config_patches=patches)
     if not extras:
         return compiled
 
@@ -73,6 +74,18 @@ def compile_graph(
         return compiled(*args, *extras)
 
     return run
+
+
+def _static_fakes(example_inputs, extras):
+    """Fake copies of the compressed tensors with static shapes in dynamo's fake mode.
+
+    Handed over as real tensors, they would be fakeified with fresh symbolic sizes that no
+    dynamo source backs (guards on them crash, and the kernels lose their constant sizes).
+    """
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return extras
+    return [fake_mode.from_tensor(t, static_shapes=True) for t in extras]
 
 
 class RealityStoneBackend:

@@ -94,8 +94,10 @@ _KEY = re.compile(r"\[['\"]([^'\"]+)['\"]\]")
 
 
 def _clean_path(path: str) -> str:
-    """"L['self'].h[0].attn" -> "h.0.attn" (dynamo's source expressions to module names)."""
-    path = re.sub(r"^L\[['\"]\w+['\"]\]\.?", "", path)
+    """Dynamo source expressions to module names: "L['self'].h[0].attn" -> "h.0.attn".
+
+The root may also be a wrapped forward's first argument, "L['args'][0]"."""
+    path = re.sub(r"^L\[['\"]\w+['\"]\](\[\d+\])?\.?", "", path)
     path = _INDEX.sub(r".\1", path)
     path = _KEY.sub(r".\1", path)
     return path.replace("._modules.", ".").strip(".")

@@ -1,0 +1,21 @@
+"""The Inductor cache key follows every byte of the package sources."""
+
+import shutil
+
+from rs_compile.lowering.cache import PACKAGE_DIR, SourceKeyedPass, source_hash
+
+
+def test_source_hash_changes_with_any_source_file(tmp_path):
+    copy = tmp_path / "rs_compile"
+    shutil.copytree(PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = source_hash(copy)
+    assert source_hash(copy) == before
+    assert before == source_hash(PACKAGE_DIR)  # a faithful copy keys the same
+    lowering = copy / "lowering" / "linear.py"
+    lowering.write_text(lowering.read_text() + "\n# edited\n")
+    source_hash.cache_clear()
+    assert source_hash(copy) != before
+
+
+def test_pass_uuid_is_the_source_hash():
+    assert SourceKeyedPass().uuid() == source_hash()
