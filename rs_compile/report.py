@@ -117,7 +117,8 @@ def readable_graph(gm: torch.fx.GraphModule) -> str:
     lines = []
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_method", "call_module"):
-            lines.append(f"{node.format_node()}  # {module_name(node)}")
+            owner = f"  # {module_name(node)}" if node.meta.get("nn_module_stack") else ""
+            lines.append(node.format_node() + owner)
         elif node.op in ("placeholder", "output"):
             lines.append(node.format_node())
     return "\n".join(lines)

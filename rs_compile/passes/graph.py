@@ -53,7 +53,7 @@ class GraphRewrite:
         last = self.placeholders[-1] if self.placeholders else None
         ctx = self.gm.graph.inserting_after(last) if last else self.gm.graph.inserting_before()
         with ctx:
-            node = self.gm.graph.placeholder(f"rs_{name}")
+            node = self.gm.graph.placeholder(f"rs_{name}")  # the graph uniquifies repeated names
         node.meta["example_value"] = value
         self.placeholders.append(node)
         self._values[node] = value

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 from typing import Callable
 
 import torch
@@ -157,6 +158,10 @@ def _readers_outside(source: fx.Node, consumers: set[fx.Node]) -> list[fx.Node]:
     return outside
 
 
+def _tag(module: str) -> str:
+    return re.sub(r"\W", "_", module)
+
+
 def skip_reason(w, config, outside: list[fx.Node], mutated: bool) -> str | None:
     """Why a matched weight stays dense, or None when it can be compressed."""
     if not isinstance(w, torch.Tensor):
@@ -205,8 +210,7 @@ def compress_linears(rw, config, report: Report) -> int:
                 encoded[m.weight] = None
                 continue
             enc = encode_parameter(w, m.stored_in_out, config)
-            tag = f"{len(rw.extra_inputs)}"
-            nodes = tuple(rw.add_input(f"{kind}_{tag}", t) for kind, t in
+            nodes = tuple(rw.add_input(f"{_tag(name)}_{kind}", t) for kind, t in
                           zip(("codes", "scales", "curv"), enc.tensors()))
             encoded[m.weight] = (enc, nodes)
         if encoded[m.weight] is None:
@@ -214,7 +218,7 @@ def compress_linears(rw, config, report: Report) -> int:
         enc, nodes = encoded[m.weight]
         bias = m.bias
         if m.pattern == "call_module" and rw.gm.get_submodule(m.node.target).bias is not None:
-            bias = rw.add_input(f"bias_{len(rw.extra_inputs)}", rw.gm.get_submodule(m.node.target).bias)
+            bias = rw.add_input(_tag(name) + "_bias", rw.gm.get_submodule(m.node.target).bias)
         with graph.inserting_before(m.node):
             new = graph.call_function(
                 torch.ops.rs.poincare_linear.default,

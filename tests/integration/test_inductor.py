@@ -1,0 +1,102 @@
+"""What Inductor makes of the rewritten graph: fused code, cache behaviour, golden graphs."""
+
+import re
+from unittest import mock
+
+import expecttest
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
+
+import rs_compile
+from rs_compile.lowering.cache import SourceKeyedPass
+
+N, K = 384, 256
+
+
+def _buffers(code: str) -> list[int]:
+    """numel of every buffer the generated code allocates."""
+    sizes = []
+    for shape in re.findall(r"empty_strided_cpu\(\(([^)]*)\)", code):
+        dims = [int(d) for d in shape.replace(" ", "").split(",") if d]
+        sizes.append(int(torch.tensor(dims).prod()) if dims else 1)
+    return sizes
+
+
+def test_small_batch_code_never_holds_a_dense_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(K, N)).eval()
+    compiled = torch.compile(model, backend="realitystone")
+    with torch.no_grad():
+        out, codes = run_and_get_code(compiled, torch.randn(2, K))
+    code = "\n".join(codes)
+    assert "poincare_linear" in code  # the decomposition was fused into a named kernel
+    assert all(n < N * K for n in _buffers(code)), _buffers(code)
+    assert "at::vec" in code  # the fused decode + reduction is vectorised
+
+
+def _compile_once(model, x):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(model, backend="realitystone")(x)
+
+
+def test_second_compile_hits_the_cache_and_a_source_change_misses_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)).eval()
+    x = torch.randn(3, 64)
+    with torch._inductor.config.patch(fx_graph_cache=True):
+        first = _compile_once(model, x)
+        counters.clear()
+        second = _compile_once(model, x)
+        assert counters["inductor"]["fxgraph_cache_hit"] == 1
+        assert counters["inductor"]["fxgraph_cache_miss"] == 0
+        counters.clear()
+        with mock.patch.object(SourceKeyedPass, "uuid", lambda self: "edited-sources"):
+            third = _compile_once(model, x)
+        assert counters["inductor"]["fxgraph_cache_miss"] == 1
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, third, rtol=0, atol=0)
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class GoldenGraphs(expecttest.TestCase):
+    def test_rewritten_graph_before_and_after(self):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        report = rs_compile.inspect(TwoLayer().eval(), torch.randn(2, 32))
+        self.assertExpectedInline(report.graph_before, """\
+%l_self_modules_up_parameters_weight_ : torch.nn.parameter.Parameter [num_users=1] = placeholder[target=L_self_modules_up_parameters_weight_]
+%l_self_modules_up_parameters_bias_ : torch.nn.parameter.Parameter [num_users=1] = placeholder[target=L_self_modules_up_parameters_bias_]
+%l_x_ : torch.Tensor [num_users=1] = placeholder[target=L_x_]
+%l_self_modules_down_parameters_weight_ : torch.nn.parameter.Parameter [num_users=1] = placeholder[target=L_self_modules_down_parameters_weight_]
+%linear : [num_users=1] = call_function[target=torch._C._nn.linear](args = (%l_x_, %l_self_modules_up_parameters_weight_, %l_self_modules_up_parameters_bias_), kwargs = {})  # up
+%relu : [num_users=1] = call_function[target=torch.relu](args = (%linear,), kwargs = {})
+%linear_1 : [num_users=1] = call_function[target=torch._C._nn.linear](args = (%relu, %l_self_modules_down_parameters_weight_, None), kwargs = {})  # down
+return (linear_1,)""")
+        self.assertExpectedInline(report.graph_after, """\
+%l_self_modules_up_parameters_weight_ : torch.nn.parameter.Parameter [num_users=0] = placeholder[target=L_self_modules_up_parameters_weight_]
+%l_self_modules_up_parameters_bias_ : torch.nn.parameter.Parameter [num_users=1] = placeholder[target=L_self_modules_up_parameters_bias_]
+%l_x_ : torch.Tensor [num_users=1] = placeholder[target=L_x_]
+%l_self_modules_down_parameters_weight_ : torch.nn.parameter.Parameter [num_users=0] = placeholder[target=L_self_modules_down_parameters_weight_]
+%rs_up_codes : [num_users=1] = placeholder[target=rs_up_codes]
+%rs_up_scales : [num_users=1] = placeholder[target=rs_up_scales]
+%rs_up_curv : [num_users=1] = placeholder[target=rs_up_curv]
+%rs_down_codes : [num_users=1] = placeholder[target=rs_down_codes]
+%rs_down_scales : [num_users=1] = placeholder[target=rs_down_scales]
+%rs_down_curv : [num_users=1] = placeholder[target=rs_down_curv]
+%poincare_linear_default : [num_users=1] = call_function[target=torch.ops.rs.poincare_linear.default](args = (%l_x_, %rs_up_codes, %rs_up_scales, %rs_up_curv, %l_self_modules_up_parameters_bias_, 4, 64, 32, 1.0), kwargs = {})  # up
+%relu : [num_users=1] = call_function[target=torch.relu](args = (%poincare_linear_default,), kwargs = {})
+%poincare_linear_default_1 : [num_users=1] = call_function[target=torch.ops.rs.poincare_linear.default](args = (%relu, %rs_down_codes, %rs_down_scales, %rs_down_curv, None, 4, 64, 64, 1.0), kwargs = {})  # down
+return (poincare_linear_default_1,)""")
