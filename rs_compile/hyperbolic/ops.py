@@ -165,14 +165,10 @@ def _checked(check, kernel):
 
 
 def _register_triton_for_cuda() -> None:
-    """Use the Triton kernels on CUDA tensors, but only where Triton has a live GPU driver: on a
-    CPU-only host ``driver.active`` raises "0 active drivers" and the reference serves every device.
-    """
-    try:
-        import triton
+    """Use the Triton kernels on CUDA tensors, but only where Triton has a live GPU driver."""
+    from rs_compile.kernels.registration import triton_driver_active
 
-        triton.runtime.driver.active  # noqa: B018 -- raises RuntimeError without a GPU driver
-    except (ImportError, RuntimeError):
+    if not triton_driver_active():
         return
     from . import triton_kernels as tk
 
