@@ -11,9 +11,11 @@ from rs_compile.config import CompressionConfig
 from rs_compile.convert import convert
 from rs_compile.inspection import inspect
 from rs_compile.kernels import register_triton_kernels
+from rs_compile.lowering import install_lowerings
 from rs_compile.modules import CompressedLinear
 from rs_compile.report import Report
 
+install_lowerings()  # so that any Inductor compile of a converted model fuses the rs ops
 register_triton_kernels()  # CUDA implementations, only when a Triton GPU driver is active
 
 __version__ = "0.1.0"

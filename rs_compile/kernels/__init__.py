@@ -12,9 +12,11 @@ def register_triton_kernels() -> bool:
     """
     if not triton_driver_active():
         return False
+    from rs_compile.kernels.triton_attention import triton_attention
     from rs_compile.kernels.triton_linear import triton_poincare_linear
 
     register_cuda_kernel("rs::poincare_linear", triton_poincare_linear)
+    register_cuda_kernel("rs::attention", triton_attention)
     return True
 
 

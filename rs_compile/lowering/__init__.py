@@ -1,8 +1,9 @@
 """Inductor lowerings of the rs ops (CPU: decompositions Inductor fuses into C++)."""
 
-from rs_compile.lowering import linear
+from rs_compile.lowering import attention, linear
 
 
 def install_lowerings() -> None:
     """Register every rs decomposition with Inductor (idempotent)."""
     linear.install()
+    attention.install()
