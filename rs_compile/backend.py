@@ -17,8 +17,10 @@ import torch.fx as fx
 from rs_compile.config import CompressionConfig
 from rs_compile.lowering import install_lowerings
 from rs_compile.lowering.cache import inductor_config_patches
+from rs_compile.passes.attention import rewrite_attention
 from rs_compile.passes.graph import GraphRewrite
 from rs_compile.passes.linear import compress_linears
+from rs_compile.passes.qkv import fuse_qkv_projections
 from rs_compile.report import Report, readable_graph
 
 log = logging.getLogger("rs_compile")
@@ -42,6 +44,8 @@ def compile_graph(
     install_lowerings()
     rw = GraphRewrite(gm, example_inputs)
     local = Report()
+    rewrite_attention(rw, config, local)
+    fuse_qkv_projections(rw, config, local)  # before compress_linears, which takes the rest
     compress_linears(rw, config, local)
     new_gm = rw.finish()
     if record_graphs:

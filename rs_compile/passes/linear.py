@@ -134,7 +134,7 @@ def match_linear(node: fx.Node, value_of: Callable, root: torch.nn.Module) -> Li
 MUTATING_METHODS = ("copy_", "add_", "mul_", "sub_", "div_", "zero_", "fill_", "set_", "__setitem__")
 
 
-def _mutated(node: fx.Node) -> bool:
+def is_mutated(node: fx.Node) -> bool:
     for user in node.users:
         name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
         if isinstance(name, str) and (name in MUTATING_METHODS or name.endswith("_") and not name.startswith("_")):
@@ -144,7 +144,7 @@ def _mutated(node: fx.Node) -> bool:
     return False
 
 
-def _readers_outside(source: fx.Node, consumers: set[fx.Node]) -> list[fx.Node]:
+def readers_outside(source: fx.Node, consumers: set[fx.Node]) -> list[fx.Node]:
     """Nodes reading ``source`` (directly or through transposes) that are not matched linears."""
     outside, stack = [], list(source.users)
     while stack:
@@ -158,7 +158,7 @@ def _readers_outside(source: fx.Node, consumers: set[fx.Node]) -> list[fx.Node]:
     return outside
 
 
-def _tag(module: str) -> str:
+def input_tag(module: str) -> str:
     return re.sub(r"\W", "_", module)
 
 
@@ -203,14 +203,14 @@ def compress_linears(rw, config, report: Report) -> int:
             continue
         w = m.weight_tensor if m.weight_tensor is not None else rw.value_of(m.weight)
         if m.weight not in encoded:
-            outside = [] if m.pattern == "call_module" else _readers_outside(m.weight, consumers_of[m.weight])
-            reason = skip_reason(w, config, outside, m.pattern != "call_module" and _mutated(m.weight))
+            outside = [] if m.pattern == "call_module" else readers_outside(m.weight, consumers_of[m.weight])
+            reason = skip_reason(w, config, outside, m.pattern != "call_module" and is_mutated(m.weight))
             if reason:
                 report.skip(name, reason)
                 encoded[m.weight] = None
                 continue
             enc = encode_parameter(w, m.stored_in_out, config)
-            nodes = tuple(rw.add_input(f"{_tag(name)}_{kind}", t) for kind, t in
+            nodes = tuple(rw.add_input(f"{input_tag(name)}_{kind}", t) for kind, t in
                           zip(("codes", "scales", "curv"), enc.tensors()))
             encoded[m.weight] = (enc, nodes)
         if encoded[m.weight] is None:
@@ -218,7 +218,7 @@ def compress_linears(rw, config, report: Report) -> int:
         enc, nodes = encoded[m.weight]
         bias = m.bias
         if m.pattern == "call_module" and rw.gm.get_submodule(m.node.target).bias is not None:
-            bias = rw.add_input(_tag(name) + "_bias", rw.gm.get_submodule(m.node.target).bias)
+            bias = rw.add_input(input_tag(name) + "_bias", rw.gm.get_submodule(m.node.target).bias)
         with graph.inserting_before(m.node):
             new = graph.call_function(
                 torch.ops.rs.poincare_linear.default,

@@ -1,0 +1,115 @@
+"""Fuse the q, k, v projections of one attention into a single ``rs::poincare_linear``.
+
+BERT and Llama project the same hidden state three times; one op over the concatenated codes
+reads the activations once and launches one GEMM/GEMV instead of three. The fused output is
+split back into the three original results, so everything downstream is untouched.
+
+The codec encodes each output row independently, so the codes of the concatenated weight are the
+row-wise concatenation of each weight's codes: encoding them one by one is bit-identical to
+encoding the concatenation and reuses ``encode_parameter``'s cache across recompiles.
+
+Runs before ``compress_linears``, which then finds no linears left there.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+
+from rs_compile.codec.encode import encode_parameter
+from rs_compile.passes.linear import (
+    LinearMatch,
+    is_mutated,
+    readers_outside,
+    input_tag,
+    match_linear,
+    skip_reason,
+)
+from rs_compile.report import LinearRewrite, Report, module_name
+
+
+def _parent(node: fx.Node) -> str:
+    return module_name(node).rpartition(".")[0]
+
+
+def projection_groups(rw) -> list[list[LinearMatch]]:
+    """Exactly three ``linear`` calls on one input inside one module (q/k/v), in graph order."""
+    groups: dict[tuple, list[LinearMatch]] = defaultdict(list)
+    for node in rw.gm.graph.nodes:
+        m = match_linear(node, rw.value_of, rw.gm)
+        if m is not None and m.pattern == "linear":
+            groups[(m.x, _parent(node))].append(m)
+    return [g for g in groups.values() if len(g) == 3]
+
+
+def _skip_reason(rw, config, m: LinearMatch) -> str | None:
+    """Why one projection cannot join the fused op (the same rules as compress_linears)."""
+    if not rw.is_parameter(m.weight):
+        return "weight is a graph input, not a module parameter (would snapshot user data)"
+    if m.bias is not None and not (isinstance(m.bias, fx.Node) and rw.is_parameter(m.bias)):
+        return "bias is not a module parameter"
+    outside = readers_outside(m.weight, {m.node})
+    return skip_reason(rw.value_of(m.weight), config, outside, is_mutated(m.weight))
+
+
+def _fuse(rw, config, group: list[LinearMatch], report: Report) -> None:
+    graph = rw.gm.graph
+    encs = [encode_parameter(rw.value_of(m.weight), m.stored_in_out, config) for m in group]
+    sizes = [e.out_features for e in encs]
+    tag = "_".join(filter(None, (input_tag(_parent(group[0].node)), "qkv")))
+    packed = [torch.cat(ts) for ts in zip(*(e.tensors() for e in encs))]
+    nodes = [rw.add_input(f"{tag}_{kind}", t) for kind, t in zip(("codes", "scales", "curv"), packed)]
+    bias = None
+    if any(m.bias is not None for m in group):
+        values = [rw.value_of(m.bias).detach() if m.bias is not None else None for m in group]
+        dtype = next(v.dtype for v in values if v is not None)
+        bias = rw.add_input(f"{tag}_bias", torch.cat([
+            v.to(dtype) if v is not None else torch.zeros(n, dtype=dtype)
+            for v, n in zip(values, sizes)]))
+    e = encs[0]
+    first = group[0].node
+    with graph.inserting_before(first):
+        fused = graph.call_function(
+            torch.ops.rs.poincare_linear.default,
+            (group[0].x, *nodes, bias, e.bits, e.group_size, e.in_features, e.curv_step))
+        parts = graph.call_function(torch.split, (fused, sizes), {"dim": -1})
+        outs = [graph.call_method("contiguous", (graph.call_function(operator.getitem, (parts, i)),))
+                for i in range(len(group))]
+    meta = {k: v for k, v in first.meta.items() if k != "example_value"}
+    stack = meta.get("nn_module_stack")
+    if stack:  # the fused op belongs to the attention module, not to q_proj
+        meta["nn_module_stack"] = dict(list(stack.items())[:-1])
+    fused.meta.update(meta)
+    parts.meta.update(meta)
+    for m, out, enc in zip(group, outs, encs):
+        out.meta.update({k: v for k, v in m.node.meta.items() if k != "example_value"})
+        out.args[0].meta.update(out.meta)
+        m.node.replace_all_uses_with(out)
+        graph.erase_node(m.node)
+        w = rw.value_of(m.weight)
+        report.linear_rewrites.append(LinearRewrite(
+            module=module_name(out), pattern="fused_qkv", out_features=enc.out_features,
+            in_features=enc.in_features, bits=enc.bits,
+            dense_bytes=w.numel() * w.element_size(), compressed_bytes=enc.nbytes()))
+
+
+def fuse_qkv_projections(rw, config, report: Report) -> int:
+    """Fuse every q/k/v projection triple of ``rw`` (a GraphRewrite); returns the number fused."""
+    if not config.fuse_qkv:
+        return 0
+    from rs_compile.ops.linear import poincare_linear  # noqa: F401  (registers rs::poincare_linear)
+
+    count = 0
+    for group in projection_groups(rw):
+        reasons = [(module_name(m.node), r) for m in group if (r := _skip_reason(rw, config, m))]
+        if reasons:
+            name, reason = reasons[0]
+            report.skip(_parent(group[0].node), f"q/k/v projections not fused: {name}: {reason}")
+            continue
+        _fuse(rw, config, group, report)
+        count += 1
+    report.fused_qkv += count
+    return count
