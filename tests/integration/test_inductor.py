@@ -1,6 +1,7 @@
 """What Inductor makes of the rewritten graph: fused code, cache behaviour, golden graphs."""
 
 import re
+import uuid
 from unittest import mock
 
 import expecttest
@@ -54,7 +55,8 @@ def test_second_compile_hits_the_cache_and_a_source_change_misses_it():
         assert counters["inductor"]["fxgraph_cache_hit"] == 1
         assert counters["inductor"]["fxgraph_cache_miss"] == 0
         counters.clear()
-        with mock.patch.object(SourceKeyedPass, "uuid", lambda self: "edited-sources"):
+        edited = f"edited-sources-{uuid.uuid4()}"  # never seen by the on-disk cache before
+        with mock.patch.object(SourceKeyedPass, "uuid", lambda self: edited):
             third = _compile_once(model, x)
         assert counters["inductor"]["fxgraph_cache_miss"] == 1
     torch.testing.assert_close(first, second, rtol=0, atol=0)

@@ -19,3 +19,13 @@ def test_source_hash_changes_with_any_source_file(tmp_path):
 
 def test_pass_uuid_is_the_source_hash():
     assert SourceKeyedPass().uuid() == source_hash()
+
+
+def test_sources_outside_the_compile_path_do_not_invalidate_the_cache(tmp_path):
+    copy = tmp_path / "rs_compile"
+    shutil.copytree(PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = source_hash(copy)
+    cli = copy / "cli.py"
+    cli.write_text(cli.read_text() + "\n# edited\n")
+    source_hash.cache_clear()
+    assert source_hash(copy) == before
