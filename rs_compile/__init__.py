@@ -14,10 +14,11 @@ from rs_compile.kernels import register_triton_kernels
 from rs_compile.lowering import install_lowerings
 from rs_compile.modules import CompressedLinear
 from rs_compile.report import Report
+from rs_compile.serialization import load, save
 
 install_lowerings()  # so that any Inductor compile of a converted model fuses the rs ops
 register_triton_kernels()  # CUDA implementations, only when a Triton GPU driver is active
 
 __version__ = "0.1.0"
 __all__ = ["CompressionConfig", "CompressedLinear", "Report", "backend", "convert", "inspect",
-           "realitystone"]
+           "load", "realitystone", "save"]

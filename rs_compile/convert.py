@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rs_compile.calibration import calibrated_encodings, check_items
 from rs_compile.codec.encode import encode
 from rs_compile.config import CompressionConfig
 from rs_compile.modules import CompressedLinear
@@ -43,10 +45,15 @@ def convert(
     model: nn.Module,
     config: CompressionConfig | None = None,
     *,
+    calibration: Iterable[tuple | Mapping[str, Any]] | None = None,
     progress: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Compress every eligible Linear / Conv1D of ``model`` in place and return it.
+
+    ``calibration``: optional sample inputs, each a tuple of positional arguments or a dict of
+    keyword arguments for ``model(...)``. With them every layer is encoded to minimise its output
+    error on its own inputs (see rs_compile.calibration); without them, calibration-free.
 
     Every new module is built before any is swapped in, so an error part-way (a NaN weight,
     a bad option) leaves the model exactly as it was. The report of what was converted and
@@ -55,11 +62,14 @@ def convert(
     config = CompressionConfig.from_options(config, overrides)
     if isinstance(model, CompressedLinear):
         raise ValueError("convert expects a model containing layers, got a single CompressedLinear")
+    items = None if calibration is None else check_items(calibration)
     tied = _tied_names(model)
     report = Report()
-    layers = [(n, m, lw) for n, m in model.named_modules() if (lw := linear_weight(m)) is not None]
-    new: dict[str, CompressedLinear] = {}
-    for name, module, (weight, bias) in tqdm(layers, desc="rs_compile convert", disable=not progress):
+    layers = {}
+    for name, module in model.named_modules():
+        if (lw := linear_weight(module)) is None:
+            continue
+        weight, bias = lw
         reason = _skip_reason(name, module, weight, config, tied)
         if reason:
             report.skip(name, reason)
@@ -70,8 +80,20 @@ def convert(
                 "checkpoint, or exclude the layer by converting a sub-module instead. "
                 "The model was left unchanged."
             )
-        enc = encode(weight.detach(), config.bits, config.group_size, config.curvatures,
-                     config.curv_step)
+        layers[name] = (module, weight, bias)
+
+    if items is None:
+        encoded = {
+            name: encode(weight.detach(), config.bits, config.group_size, config.curvatures,
+                         config.curv_step)
+            for name, (_, weight, _) in tqdm(layers.items(), desc="rs_compile convert",
+                                             disable=not progress)
+        }
+    else:
+        encoded = calibrated_encodings(model, layers, items, config, progress)
+    new: dict[str, CompressedLinear] = {}
+    for name, (module, weight, bias) in layers.items():
+        enc = encoded[name]
         new[name] = CompressedLinear(enc, bias).to(weight.device)
         report.linear_rewrites.append(LinearRewrite(
             module=name, pattern=type(module).__name__, out_features=enc.out_features,

