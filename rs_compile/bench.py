@@ -6,6 +6,8 @@ all configurations alike. Random-weight models of real shapes (rs_compile.models
 
 Per configuration:
   decode tok/s    63 / (t(generate 64 new) - t(generate 1 new)): steady-state decode rate
+  cpu ms/tok      process CPU time per decode token, all threads: on a machine shared with other
+                  jobs (where wall time depends on what else runs) the more stable figure
   e2e tok/s       64 / t(generate 64 new), prefill of the prompt included
   prefill ms      one forward of ``--prefill`` tokens without cache, logits of the last token
   weights MB      bytes of every linear's weight (lm_head included) a decode step streams
@@ -33,13 +35,14 @@ CONFIGS = ("eager", "inductor", "torchao-int8", "torchao-int4", "torchao-intx4",
 class Result:
     config: str
     decode_tok_s: float = float("nan")
+    cpu_ms_per_token: float = float("nan")
     e2e_tok_s: float = float("nan")
     prefill_ms: float = float("nan")
     weight_mb: float = float("nan")
     stream_gb_s: float = float("nan")
     compile_s: float = float("nan")
     note: str = ""
-    samples: dict[str, list[float]] = field(default_factory=dict)
+    samples: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
 
 def build_model(name: str) -> torch.nn.Module:
@@ -115,10 +118,11 @@ def read_bandwidth_gb_s(mbytes: int = 512, repeats: int = 5) -> float:
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    t, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 class Runner:
@@ -140,13 +144,13 @@ class Runner:
         self.long = torch.randint(0, vocab, (1, args.prefill), generator=rng)
         self.new_tokens = args.new_tokens
 
-    def generate(self, new_tokens: int) -> float:
+    def generate(self, new_tokens: int) -> tuple[float, float]:
         return _timed(lambda: self.model.generate(self.prompt, max_new_tokens=new_tokens,
                                                   min_new_tokens=new_tokens, do_sample=False))
 
-    def prefill(self) -> float:
+    def prefill(self) -> tuple[float, float]:
         if not self.long.numel():
-            return 0.0
+            return 0.0, 0.0
         return _timed(lambda: self.model(self.long, use_cache=False, logits_to_keep=1))
 
 
@@ -162,16 +166,17 @@ def run(args: argparse.Namespace) -> list[Result]:
             results.append(result)
             try:
                 runner = Runner(config, base, args)
-                first = runner.generate(runner.new_tokens) + runner.prefill()
+                first = runner.generate(runner.new_tokens)[0] + runner.prefill()[0]
                 runner.generate(1)
-                steady = runner.generate(runner.new_tokens) + runner.prefill()
+                steady = runner.generate(runner.new_tokens)[0] + runner.prefill()[0]
             except Exception as e:  # noqa: BLE001  (report the configuration as unavailable)
                 result.note = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 continue
             result.compile_s = first - steady
             result.weight_mb = runner.weight_bytes / 1e6
             runners[config] = runner
-        samples = {c: {"gen": [], "gen1": [], "prefill": []} for c in runners}
+        samples: dict[str, dict[str, list[tuple[float, float]]]] = {
+            c: {"gen": [], "gen1": [], "prefill": []} for c in runners}
         for _ in range(args.repeats):
             for config, runner in runners.items():
                 samples[config]["gen"].append(runner.generate(runner.new_tokens))
@@ -182,11 +187,14 @@ def run(args: argparse.Namespace) -> list[Result]:
         if result.config not in samples:
             continue
         s = samples[result.config]
-        gen, gen1 = statistics.median(s["gen"]), statistics.median(s["gen1"])
+        gen, gen1 = (statistics.median(t[0] for t in s[k]) for k in ("gen", "gen1"))
+        cpu, cpu1 = (statistics.median(t[1] for t in s[k]) for k in ("gen", "gen1"))
         per_token = (gen - gen1) / (args.new_tokens - 1)
         result.decode_tok_s = 1 / per_token
+        result.cpu_ms_per_token = (cpu - cpu1) / (args.new_tokens - 1) * 1e3
         result.e2e_tok_s = args.new_tokens / gen
-        result.prefill_ms = statistics.median(s["prefill"]) * 1e3 if s["prefill"] else float("nan")
+        if s["prefill"]:
+            result.prefill_ms = statistics.median(t[0] for t in s["prefill"]) * 1e3
         result.stream_gb_s = result.weight_mb / 1e3 / per_token
         result.samples = s
     return results
@@ -195,11 +203,12 @@ def run(args: argparse.Namespace) -> list[Result]:
 def table(results: list[Result], bandwidth: float) -> str:
     ref = {r.config: r for r in results}
     base = ref.get("eager")
-    lines = ["| config | decode tok/s | vs eager | e2e tok/s | prefill ms | weights MB | GB/s | compile s | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [("| config | decode tok/s | vs eager | cpu ms/tok | e2e tok/s | prefill ms | weights MB "
+              "| GB/s | compile s | note |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         speedup = r.decode_tok_s / base.decode_tok_s if base else float("nan")
-        lines.append(f"| {r.config} | {r.decode_tok_s:.1f} | {speedup:.2f}x | {r.e2e_tok_s:.1f} | "
+        lines.append(f"| {r.config} | {r.decode_tok_s:.1f} | {speedup:.2f}x | {r.cpu_ms_per_token:.1f} | "
+                     f"{r.e2e_tok_s:.1f} | "
                      f"{r.prefill_ms:.0f} | {r.weight_mb:.0f} | {r.stream_gb_s:.1f} | "
                      f"{r.compile_s:.0f} | {r.note} |")
     lines.append(f"\nread bandwidth (sum over 512 MB, {torch.get_num_threads()} threads): "

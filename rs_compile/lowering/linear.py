@@ -18,11 +18,16 @@ Why the GEMV is written the way it is (all measured on the AVX2 CPU this was tun
   ``B = s c / (3 half^3)``: the format's ``s u (1 + c u^2 / 3)`` with the constants folded.
 * ``A`` and ``B`` are concatenated into one float32 buffer, which Inductor materialises on CPU
   (it lowers ``cat`` to a buffer). The hot loop then reads no float16, so Inductor keeps 8 float
-  lanes, where a byte vector widens to int32 in one instruction; a float16 load widens the loop
-  to 16 lanes, whose byte-to-int32 conversion falls back to scalar code (about 10x slower).
+  lanes, where a byte vector widens to int32 in one instruction; any float16 (or bfloat16) load in
+  the loop widens it to 16 lanes, whose byte-to-int32 conversion is scalar code (about 8x slower
+  GEMV). Low-precision activations therefore take that slower path; float32 is the fast one.
 * Inductor's AVX2 code loads a run of fewer than 32 bytes through a stack buffer (a memcpy, then
-  a 32-byte load that stalls on store forwarding); :func:`install` makes the 8-byte case a single
-  load (about 5x faster GEMV). Without it the lowering is correct, only slower.
+  a 32-byte load that stalls on store forwarding); :func:`install` makes 8- and 16-byte runs one
+  SSE load each (about 5x faster GEMV). Without it the lowering is correct, only slower.
+
+The loop is then ALU-bound (about 10 vector instructions per 8 weights: unpack, convert, decode,
+multiply-add), within ~10% of hand-written AVX2 kernels of the same decode (also a register
+table lookup with ``vpermps``), and far from the memory bandwidth.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from rs_compile.codec.format import PLANES, group_bytes, unit_params
 from rs_compile.lowering.registry import register
 from rs_compile.ops.linear import poincare_linear  # noqa: F401  (defines torch.ops.rs.poincare_linear)
 
-GEMV_MAX_ROWS = 2  # above this, decode-then-GEMM wins: the fused loop re-decodes every row
+GEMV_MAX_ROWS = 3  # above this, decode-then-GEMM wins: the fused loop re-decodes every row
 
 
 def code_slots(codes: torch.Tensor, bits: int, group_size: int) -> list[torch.Tensor]:
@@ -100,7 +105,8 @@ def poincare_linear_decomposition(
     run = slots[0].shape[-1]
     if m <= GEMV_MAX_ROWS:
         xs = x2.to(torch.float32).view(m, 1, ng, group_size)
-        terms = [xs[..., o * run : (o + 1) * run] * decode_slot(q, a, b, bits) for o, q in enumerate(slots)]
+        terms = [xs[..., o * run : (o + 1) * run] * decode_slot(q, a, b, bits)
+                 for o, q in enumerate(slots)]
         out = sum(terms[1:], terms[0]).sum((-1, -2)).to(x.dtype)
     else:
         w = torch.stack([decode_slot(q, a, b, bits) for q in slots], dim=2).view(n, kp)
@@ -110,20 +116,27 @@ def poincare_linear_decomposition(
     return out.reshape(*x.shape[:-1], n)
 
 
+_ONES = "0x0101010101010101LL"
+# lanes loaded -> (SSE load of exactly those bytes, 1s for the lanes above them)
+_AVX2_BYTE_LOADS = {
+    8: ("_mm_loadl_epi64", f"_mm256_setr_epi64x(0, {_ONES}, {_ONES}, {_ONES})"),
+    16: ("_mm_loadu_si128", f"_mm256_setr_epi64x(0, 0, {_ONES}, {_ONES})"),
+}
+
+
 def _fast_byte_loads(get_vec_load_line):
-    """Wrap ``CppVecKernel._get_vec_load_line``: 8 contiguous bytes of an 8-lane AVX2 loop load
-    with one ``movq`` (``loadu_one_fourth``); the unused lanes are set to 1 as the original does."""
+    """Wrap ``CppVecKernel._get_vec_load_line``: on AVX2 a contiguous run of 8 or 16 bytes loads
+    with one SSE load; the lanes above are set to 1, as the original's stack buffer does."""
     from torch._inductor.codegen.cpp import DTYPE_TO_CPP, cexpr_index
     from torch._inductor.cpu_vec_isa import VecAVX2
 
-    ones_above_8 = "_mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0101010101010101LL, 0x0101010101010101LL)"
-
     def load_line(self, var, index, dtype, load_mask=None):
-        if (dtype in (torch.uint8, torch.int8) and load_mask is None and self.num_elems == 8
-                and type(self.vec_isa) is VecAVX2):
-            vec = f"at::vec::Vectorized<{DTYPE_TO_CPP[dtype]}>"
+        if (dtype in (torch.uint8, torch.int8) and load_mask is None
+                and self.num_elems in _AVX2_BYTE_LOADS and type(self.vec_isa) is VecAVX2):
+            load, ones = _AVX2_BYTE_LOADS[self.num_elems]
             ptr = f"{var} + {cexpr_index(index)}" if index != 0 else var
-            return f"({vec}::loadu_one_fourth({ptr}) | {vec}({ones_above_8}))"
+            raw = f"_mm256_zextsi128_si256({load}(reinterpret_cast<const __m128i*>({ptr})))"
+            return f"at::vec::Vectorized<{DTYPE_TO_CPP[dtype]}>(_mm256_or_si256({raw}, {ones}))"
         return get_vec_load_line(self, var, index, dtype, load_mask)
 
     load_line.rs_fast_byte_loads = True

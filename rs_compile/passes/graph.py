@@ -61,7 +61,18 @@ class GraphRewrite:
         return node
 
     def finish(self) -> fx.GraphModule:
-        self.gm.graph.eliminate_dead_code()
+        self.gm.graph.eliminate_dead_code(is_impure_node=_has_side_effects)
         self.gm.graph.lint()
         self.gm.recompile()
         return self.gm
+
+
+def _has_side_effects(node: fx.Node) -> bool:
+    """FX's purity test plus in-place Tensor methods and functions (``x.index_copy_(...)``,
+    ``torch.Tensor.add_``), which it calls pure: dropping them loses a static KV cache's writes."""
+    if node.is_impure():
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")

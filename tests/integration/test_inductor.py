@@ -1,12 +1,11 @@
 """What Inductor makes of the rewritten graph: fused code, cache behaviour, golden graphs."""
 
-import re
 import uuid
 from unittest import mock
 
 import expecttest
-import pytest
 import torch
+from _codegen import buffer_sizes  # tests/_codegen.py
 from torch import nn
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
@@ -17,15 +16,6 @@ from rs_compile.lowering.cache import SourceKeyedPass
 N, K = 384, 256
 
 
-def _buffers(code: str) -> list[int]:
-    """numel of every buffer the generated code allocates."""
-    sizes = []
-    for shape in re.findall(r"empty_strided_cpu\(\(([^)]*)\)", code):
-        dims = [int(d) for d in shape.replace(" ", "").split(",") if d]
-        sizes.append(int(torch.tensor(dims).prod()) if dims else 1)
-    return sizes
-
-
 def test_small_batch_code_never_holds_a_dense_weight():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(K, N)).eval()
@@ -34,7 +24,7 @@ def test_small_batch_code_never_holds_a_dense_weight():
         out, codes = run_and_get_code(compiled, torch.randn(2, K))
     code = "\n".join(codes)
     assert "poincare_linear" in code  # the decomposition was fused into a named kernel
-    assert all(n < N * K for n in _buffers(code)), _buffers(code)
+    assert all(n < N * K for n in buffer_sizes(code)), buffer_sizes(code)
     assert "at::vec" in code  # the fused decode + reduction is vectorised
 
 

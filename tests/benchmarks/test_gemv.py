@@ -1,0 +1,52 @@
+"""GEMV microbenchmark (pytest-benchmark; excluded from the default run):
+
+    pytest tests/benchmarks -p no:cacheprovider --benchmark-only
+
+One KoGPT-2 MLP projection (3072 x 768) at batch 1: the compiled rs::poincare_linear against dense
+float32 F.linear, eager and Inductor. Twelve different layers are chained so the weights stream from
+memory as in a decode step instead of sitting in cache.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rs_compile.codec.encode import encode
+from rs_compile.modules import CompressedLinear
+
+N, K, LAYERS = 3072, 768, 12
+
+
+@pytest.fixture(scope="module")
+def weights():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(N, K, generator=g) * 0.02 for _ in range(LAYERS)]
+
+
+def chain(layers):
+    def run(x):
+        for layer in layers:
+            x = torch.tanh(layer(x)[..., :K])
+        return x
+    return run
+
+
+def _bench(benchmark, fn):
+    x = torch.randn(1, K)
+    with torch.inference_mode():
+        fn(x)
+        benchmark(fn, x)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rs_compiled(benchmark, weights, bits):
+    layers = [CompressedLinear(encode(w, bits, 64, 4, 1.0)) for w in weights]
+    _bench(benchmark, torch.compile(chain(layers), backend="realitystone"))
+
+
+def test_dense_eager(benchmark, weights):
+    _bench(benchmark, chain([lambda x, w=w: F.linear(x, w) for w in weights]))
+
+
+def test_dense_inductor(benchmark, weights):
+    _bench(benchmark, torch.compile(chain([lambda x, w=w: F.linear(x, w) for w in weights])))
