@@ -5,24 +5,35 @@ one tensor, e.g. q/k/v): a pass over the calibration items collects the group's 
 moments ``X^T X`` with forward pre-hooks, the group is encoded, and from then on its outputs are
 replaced by the encoded layer's. Later layers are therefore calibrated on the inputs the
 compressed model will actually give them (GPTQ's sequential mode), and only one group's
-``in x in`` statistics exist at a time (a 125M GPT-2 would need ~1.1 GB to hold all at once).
+``in x in`` statistics exist at a time (all of a 125M GPT-2's at once would take ~1.1 GB).
+A pass stops as soon as the group's last layer has its input, when every layer runs once per call.
+
+Optionally (``bit_budget``) each layer's code width is chosen first from its measured effect on
+the model's output, within an all-in bits/weight budget.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from rs_compile.codec.calibrate import gptq_encode
-from rs_compile.codec.encode import EncodedWeight, encode
-from rs_compile.modules import CompressedLinear
+from rs_compile.codec.encode import EncodedWeight, encode, packed_nbytes
 
 Item = tuple | Mapping
+ALLOCATION_BITS = (3, 4, 8)  # the code widths bit allocation chooses from
+
+
+class Layer(NamedTuple):
+    module: nn.Module
+    weight: torch.Tensor  # [out, in] (a transposed view for transformers' Conv1D)
+    bias: torch.Tensor | None
 
 
 def check_items(calibration: Iterable[Any]) -> list[Item]:
@@ -46,12 +57,20 @@ def check_items(calibration: Iterable[Any]) -> list[Item]:
     return items
 
 
+def call_model(model: nn.Module, item: Item) -> Any:
+    return model(**item) if isinstance(item, Mapping) else model(*item)
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the statistics it waits for are collected."""
+
+
 def run_items(model: nn.Module, items: Sequence[Item]) -> None:
     for item in items:
-        if isinstance(item, Mapping):
-            model(**item)
-        else:
-            model(*item)
+        try:
+            call_model(model, item)
+        except _StopForward:
+            pass
 
 
 @contextlib.contextmanager
@@ -82,12 +101,13 @@ class SecondMoments:
         self.rows += x.shape[0]
 
     def mean(self) -> torch.Tensor:
-        """``X^T X / rows``: the inputs' second-moment matrix."""
+        """``X^T X / rows``: the inputs' second-moment matrix, on the CPU."""
         return (self.sum / self.rows).cpu()
 
 
-def call_groups(model: nn.Module, modules: Mapping[str, nn.Module], item: Item) -> list[list[str]]:
-    """Names of ``modules`` in first-call order for one item, grouped by shared input tensor."""
+def call_groups(model: nn.Module, modules: Mapping[str, nn.Module], item: Item) -> tuple[list[list[str]], bool]:
+    """Names of ``modules`` in first-call order for one item, grouped by shared input tensor, and
+    whether every one of them is called exactly once (so a pass may stop after a group)."""
     calls: list[tuple[str, torch.Tensor]] = []
     names = {id(m): n for n, m in modules.items()}
 
@@ -96,7 +116,7 @@ def call_groups(model: nn.Module, modules: Mapping[str, nn.Module], item: Item) 
 
     handles = [m.register_forward_pre_hook(record) for m in modules.values()]
     try:
-        run_items(model, [item])
+        call_model(model, item)
     finally:
         for h in handles:
             h.remove()
@@ -118,51 +138,143 @@ def call_groups(model: nn.Module, modules: Mapping[str, nn.Module], item: Item) 
             f"the calibration items never reach layers {missing}, so there is nothing to calibrate "
             "them on; pass items that exercise them, or convert without calibration"
         )
-    return groups
+    return groups, len(calls) == len(seen)
+
+
+def output_distance(reference: Any, output: Any) -> float:
+    """How far a model output is from the reference output of the same item.
+
+    Outputs with ``logits`` (language models): mean KL(reference || output) of the softmax over
+    the last dimension. Otherwise: squared error of the first output tensor (``last_hidden_state``
+    of an encoder, or a bare tensor) relative to the reference's squared norm.
+    """
+    if getattr(reference, "logits", None) is not None:
+        log_p = torch.log_softmax(reference.logits.double(), -1)
+        log_q = torch.log_softmax(output.logits.double(), -1)
+        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    ref, out = (x if isinstance(x, torch.Tensor) else x[0] for x in (reference, output))
+    ref, out = ref.double(), out.double()
+    return float((out - ref).square().sum() / ref.square().sum().clamp_min(1e-300))
+
+
+def _replace_output(layer: Layer, w_hat: torch.Tensor):
+    """Forward hook making ``layer`` compute with ``w_hat`` (what CompressedLinear computes)."""
+    return layer.module.register_forward_hook(
+        lambda module, args, out: F.linear(args[0], w_hat.to(args[0].dtype),
+                                           None if layer.bias is None else layer.bias.to(args[0].dtype)))
+
+
+def layer_sensitivities(
+    model: nn.Module, layers: Mapping[str, Layer], items: Sequence[Item], config,
+    progress: bool = False,
+) -> dict[tuple[str, int], float]:
+    """``{(layer, bits): mean output distance over the items}`` with only that layer encoded
+    (calibration-free) at each width of ALLOCATION_BITS."""
+    result = {}
+    with inference_mode(model):
+        references = [call_model(model, item) for item in items]
+        for name, layer in tqdm(layers.items(), desc="rs_compile sensitivity", disable=not progress):
+            for bits in ALLOCATION_BITS:
+                w_hat = encode(layer.weight.detach(), bits, config.group_size, config.curvatures,
+                               config.curv_step).dequantize().to(layer.weight.device)
+                handle = _replace_output(layer, w_hat)
+                try:
+                    result[name, bits] = sum(output_distance(ref, call_model(model, item))
+                                             for ref, item in zip(references, items)) / len(items)
+                finally:
+                    handle.remove()
+    return result
+
+
+def allocate_bits(
+    layers: Mapping[str, Layer], sensitivity: Mapping[tuple[str, int], float], config
+) -> dict[str, int]:
+    """Per-layer code widths minimising the summed output distances of :func:`layer_sensitivities`
+    with all-in bits/weight (codes, scales, curvatures) at most ``config.bit_budget``.
+
+    The sum is a proxy (single-layer distances do not add up exactly; they rank the layers), and
+    its constrained minimum is found by bisection on the Lagrange multiplier of the size, which
+    can leave a little of the budget unused.
+    """
+    cost = {(name, b): 8 * packed_nbytes(*layer.weight.shape, b, config.group_size)
+            for name, layer in layers.items() for b in ALLOCATION_BITS}
+    weights = sum(layer.weight.numel() for layer in layers.values())
+    budget = config.bit_budget * weights
+
+    def choose(lam: float) -> dict[str, int]:
+        return {n: min(ALLOCATION_BITS, key=lambda b: sensitivity[n, b] + lam * cost[n, b])
+                for n in layers}
+
+    def size(choice: dict[str, int]) -> float:
+        return sum(cost[n, b] for n, b in choice.items())
+
+    smallest = size({n: ALLOCATION_BITS[0] for n in layers})
+    if smallest > budget:
+        raise ValueError(
+            f"bit_budget={config.bit_budget} is below the smallest encoding of these layers "
+            f"({smallest / weights:.3f} bits/weight at {ALLOCATION_BITS[0]} bits with "
+            f"group_size={config.group_size}); raise it"
+        )
+    lo, hi = 0.0, 1.0
+    while size(choose(hi)) > budget:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if size(choose(mid)) > budget else (lo, mid)
+    return choose(hi)
 
 
 def calibrated_encodings(
-    model: nn.Module,
-    layers: Mapping[str, tuple[nn.Module, torch.Tensor, torch.Tensor | None]],
-    items: Sequence[Item],
-    config,
+    model: nn.Module, layers: Mapping[str, Layer], items: Sequence[Item], config,
     progress: bool = False,
 ) -> dict[str, EncodedWeight]:
-    """Encode ``layers`` (name -> (module, weight [out, in], bias)) against calibration inputs.
+    """Encode ``layers`` sequentially against their calibration inputs (see the module doc).
 
-    With ``config.gptq`` each layer is GPTQ-encoded with its inputs' second moments; otherwise
-    the calibration-free search runs with each weight's error weighted by its input's mean square.
-    The model is left as it was (hooks removed) whether or not encoding succeeds.
+    With ``config.bit_budget`` each layer's width comes from :func:`allocate_bits`. With
+    ``config.gptq`` layers are GPTQ-encoded; otherwise the calibration-free search runs with each
+    weight's error weighted by its input's mean square. Hooks are removed whatever happens.
     """
-    modules = {name: module for name, (module, _, _) in layers.items()}
+    bits = {name: config.bits for name in layers}
+    if config.bit_budget is not None:
+        bits = allocate_bits(layers, layer_sensitivities(model, layers, items, config, progress),
+                             config)
     encoded: dict[str, EncodedWeight] = {}
-    handles = []
+    replaced = []
     with inference_mode(model):
         try:
-            groups = call_groups(model, modules, items[0])
+            groups, called_once = call_groups(model, {n: l.module for n, l in layers.items()}, items[0])
             for group in tqdm(groups, desc="rs_compile calibrate", disable=not progress):
-                moments = {name: SecondMoments() for name in group}
-                hooks = [modules[n].register_forward_pre_hook(moments[n]) for n in group]
-                try:
-                    run_items(model, items)
-                finally:
-                    for h in hooks:
-                        h.remove()
-                for name in group:
-                    _, weight, bias = layers[name]
-                    encoded[name] = _encode(weight, moments[name].mean(), config)
-                    substitute = CompressedLinear(encoded[name], bias).to(weight.device)
-                    handles.append(modules[name].register_forward_hook(
-                        lambda module, args, out, sub=substitute: sub(args[0])))
+                moments = _collect(model, [layers[n].module for n in group], items, called_once)
+                for name, moment in zip(group, moments):
+                    layer = layers[name]
+                    encoded[name] = _encode(layer.weight, moment, bits[name], config)
+                    w_hat = encoded[name].dequantize().to(layer.weight.device)
+                    replaced.append(_replace_output(layer, w_hat))
         finally:
-            for h in handles:
-                h.remove()
+            for handle in replaced:
+                handle.remove()
     return encoded
 
 
-def _encode(weight: torch.Tensor, moments: torch.Tensor, config) -> EncodedWeight:
+def _collect(model: nn.Module, modules: list[nn.Module], items: Sequence[Item],
+             stop_early: bool) -> list[torch.Tensor]:
+    moments = [SecondMoments() for _ in modules]
+    handles = [m.register_forward_pre_hook(s) for m, s in zip(modules, moments)]
+    if stop_early:
+        def stop(module: nn.Module, args: tuple) -> None:
+            raise _StopForward
+        handles.append(modules[-1].register_forward_pre_hook(stop))
+    try:
+        run_items(model, items)
+    finally:
+        for h in handles:
+            h.remove()
+    return [s.mean() for s in moments]
+
+
+def _encode(weight: torch.Tensor, moments: torch.Tensor, bits: int, config) -> EncodedWeight:
     if config.gptq:
-        return gptq_encode(weight.detach(), moments, config.bits, config.group_size,
-                           config.curvatures, config.curv_step, config.gptq_damp)
-    return encode(weight.detach(), config.bits, config.group_size, config.curvatures,
-                  config.curv_step, importance=moments.diagonal().float())
+        return gptq_encode(weight.detach(), moments, bits, config.group_size, config.curvatures,
+                           config.curv_step, config.gptq_damp)
+    return encode(weight.detach(), bits, config.group_size, config.curvatures, config.curv_step,
+                  importance=moments.diagonal().float())

@@ -40,6 +40,7 @@ class CompressionConfig:
     fuse_qkv: bool = True
     gptq: bool = True
     gptq_damp: float = 0.1
+    bit_budget: float | None = None
 
     def __post_init__(self) -> None:
         check_format(self.bits, self.group_size)
@@ -54,6 +55,11 @@ class CompressionConfig:
                 and self.gptq_damp > 0):
             raise ValueError(f"gptq_damp={self.gptq_damp!r} is invalid; it must be a finite float > 0 "
                              "(0.1 is the default)")
+        if self.bit_budget is not None and not (
+                isinstance(self.bit_budget, (int, float)) and math.isfinite(self.bit_budget)
+                and self.bit_budget > 0):
+            raise ValueError(f"bit_budget={self.bit_budget!r} is invalid; it must be None or a "
+                             "finite number of bits per weight > 0, e.g. 4.5")
         if not isinstance(self.min_features, int) or self.min_features < 1:
             raise ValueError(f"min_features={self.min_features!r} is invalid; it must be an int >= 1")
 

@@ -9,17 +9,20 @@ tr((W - W_hat) H (W - W_hat)^T)`` with ``H = X^T X``. Two steps use ``H``:
   largest ``diag(H)`` first ("act-order"), and each rounding error is spread over the columns not
   yet rounded through the Cholesky factor of ``H^-1``. The groups' scales and curvatures are
   fixed beforehand by the weighted search (act-order visits a group's columns at scattered times;
-  choosing them when a group's first column comes measured no better on TinyStories-260K).
+  choosing them when a group's first column comes measured no better on TinyStories-260K);
+* last, each row's group scales are refit by least squares on the output error for the codes
+  GPTQ chose (:func:`refit_scales`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from rs_compile.codec.encode import EncodedWeight, encode, level_table, nearest_codes
+from rs_compile.codec.encode import EncodedWeight, encode, level_table
 from rs_compile.codec.format import num_groups, pack_codes, unpack_codes
 
 BLOCK = 128  # columns per lazy GPTQ update: rank-128 updates of the remaining columns
+LLOYD_STEPS = 4  # scale refits per curvature in the group search (calibration-free uses 1, for speed)
 
 
 def damped_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -29,13 +32,7 @@ def damped_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     tokens span few directions of a wide layer, and an undamped ``H`` would trade unseen
     directions for seen ones (see CompressionConfig.gptq_damp).
     """
-    h = hessian.double().clone()
-    mean_diag = float(h.diagonal().mean())
-    if not mean_diag > 0:
-        raise ValueError("the calibration inputs of this layer are all zero, so they cannot guide "
-                         "its encoding; calibrate with data that reaches the layer")
-    h.diagonal().add_(damp * mean_diag)
-    lower = torch.linalg.cholesky(h)
+    lower = torch.linalg.cholesky(damped(hessian, damp))
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
 
 
@@ -57,27 +54,95 @@ def gptq_encode(
         raise ValueError("the calibration inputs of this layer contain NaN or Inf; check the "
                          "calibration items (and that the model runs them in float32)")
     start = encode(weight, bits, group_size, curvatures, curv_step,
-                   importance=hessian.diagonal().float().clamp_min(0))
+                   importance=hessian.diagonal().float().clamp_min(0), lloyd_steps=LLOYD_STEPS)
     ng = num_groups(k, group_size)
     table = level_table(bits, curvatures, float(curv_step))
-    group_scale = start.scales.double()
-    group_curv = start.curv.long()
-
     order = torch.argsort(hessian.diagonal(), descending=True, stable=True)
     u = damped_inverse_factor(hessian[order][:, order], damp)
+    h = damped(hessian, damp)
+    codes = feedback_codes(weight, start.scales, start.curv, table, order, u,
+                           unpack_codes(start.codes, bits, group_size).reshape(n, ng * group_size),
+                           group_size)
+    units = table[start.curv.long().unsqueeze(-1), codes.view(n, ng, group_size).long()]  # [n, ng, G]
+    # a second round (GPTQ again with the refit scales, then refit) measured worse on both models
+    scales = refit_scales(weight, units, start.scales, h)
+    return EncodedWeight(pack_codes(codes, bits, group_size), scales, start.curv, bits,
+                         group_size, k, float(curv_step))
+
+
+def feedback_codes(
+    weight: torch.Tensor, scales: torch.Tensor, curv: torch.Tensor, table: torch.Tensor,
+    order: torch.Tensor, u: torch.Tensor, codes: torch.Tensor, group_size: int,
+) -> torch.Tensor:
+    """GPTQ's column-by-column rounding in ``order`` with error feedback through ``u`` (the upper
+    Cholesky factor of the permuted damped inverse), for fixed group scales and curvatures.
+    Returns a new ``codes[n, Kp]``; padded columns keep the entries of ``codes``."""
+    k = weight.shape[1]
+    # per group: level midpoints in the oriented unit (rows ascending) and the scaled levels
+    curv = curv.long().T.contiguous()  # [ng, n]
+    scale = scales.double().T.contiguous()
+    mids = ((table[:, 1:] + table[:, :-1]) * 0.5)[curv]  # [ng, n, L-1]
+    levels = scale.unsqueeze(-1) * table[curv]  # [ng, n, L]
+    inv_scale = 1.0 / torch.where(scale == 0, 1.0, scale)  # scale 0: every level is 0 anyway
     w = weight.detach().to("cpu", torch.float64)[:, order]
-    codes = unpack_codes(start.codes, bits, group_size).reshape(n, ng * group_size)
+    codes = codes.clone()
+    columns = order.tolist()
     for b0 in range(0, k, BLOCK):
         b1 = min(b0 + BLOCK, k)
         wb = w[:, b0:b1].clone()
-        err = torch.zeros_like(wb)
+        err = torch.empty_like(wb)
         for j in range(b1 - b0):
-            col = int(order[b0 + j])
+            col = columns[b0 + j]
             g = col // group_size
-            q = nearest_codes(wb[:, j], group_scale[:, g], group_curv[:, g], table)
-            codes[:, col] = q
-            err[:, j] = (wb[:, j] - group_scale[:, g] * table[group_curv[:, g], q]) / u[b0 + j, b0 + j]
-            wb[:, j:] -= err[:, j : j + 1] * u[b0 + j, b0 + j : b1]
+            q = torch.searchsorted(mids[g], (wb[:, j] * inv_scale[g]).unsqueeze(-1))
+            codes[:, col] = q.squeeze(-1)
+            err[:, j] = (wb[:, j] - levels[g].gather(-1, q).squeeze(-1)) / u[b0 + j, b0 + j]
+            wb[:, j:].addr_(err[:, j], u[b0 + j, b0 + j : b1], alpha=-1)
         w[:, b1:] -= err @ u[b0:b1, b1:]
-    return EncodedWeight(pack_codes(codes, bits, group_size), start.scales, start.curv, bits,
-                         group_size, k, float(curv_step))
+    return codes
+
+
+def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp * mean(diag H) * I`` in float64 (the matrix GPTQ's factor is taken of)."""
+    h = hessian.double().clone()
+    mean_diag = float(h.diagonal().mean())
+    if not mean_diag > 0:
+        raise ValueError("the calibration inputs of this layer are all zero, so they cannot guide "
+                         "its encoding; calibrate with data that reaches the layer")
+    h.diagonal().add_(damp * mean_diag)
+    return h
+
+
+def refit_scales(
+    weight: torch.Tensor, units: torch.Tensor, scales: torch.Tensor, hessian: torch.Tensor
+) -> torch.Tensor:
+    """Per row, the group scales minimising ``(w - w_hat) H (w - w_hat)^T`` for fixed codes.
+
+    ``w_hat = sum_g s_g l_g`` with ``l_g`` the unit levels of group g (``units[n, ng, G]``), so the
+    optimum solves the ``ng x ng`` system ``A s = b``, ``A_gh = l_g^T H_gh l_h``, ``b_g = l_g^T H w``.
+    GPTQ chose the codes for scales fitted before the error feedback moved the weights; the refit
+    lowered TinyStories-260K's calibrated KL by 2% (1.445 -> 1.416). Rows whose float16-rounded
+    refit does not lower their error keep their scales.
+    """
+    n, ng, g = units.shape
+    k = weight.shape[1]
+    kp = ng * g
+    h = torch.nn.functional.pad(hessian, (0, kp - k, 0, kp - k))  # padded inputs: zero levels, zero H
+    w = torch.nn.functional.pad(weight.detach().to("cpu", torch.float64), (0, kp - k))
+    hw = (w @ h).view(n, ng, g)
+    b = (units * hw).sum(-1)  # [n, ng]
+    a = torch.empty(n, ng, ng, dtype=torch.float64)
+    for j in range(ng):  # rows of H for group j times its levels: [n, kp]
+        p = units[:, j] @ h[j * g : (j + 1) * g]
+        a[:, j] = (p.view(n, ng, g) * units).sum(-1)
+    # a group of zero levels has a zero row and column: a tiny ridge keeps A invertible (its s -> 0)
+    ridge = 1e-12 * a.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-30)
+    a.diagonal(dim1=-2, dim2=-1).add_(ridge.unsqueeze(-1))
+    refit = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1).to(torch.float16)
+
+    def row_error(s: torch.Tensor) -> torch.Tensor:
+        r = w - (s.double().unsqueeze(-1) * units).view(n, kp)
+        return ((r @ h) * r).sum(-1)
+
+    keep = ~(torch.isfinite(refit).all(-1) & (row_error(refit) < row_error(scales)))
+    return torch.where(keep.unsqueeze(-1), scales, refit)

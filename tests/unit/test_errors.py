@@ -41,29 +41,20 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
     assert not hasattr(model, "rs_report")
 
 
-@pytest.mark.parametrize("bits", [0, 1, 5, 16, "4"])
-def test_bits_outside_the_set(bits):
+INVALID_OPTIONS = [
+    *(({"bits": b}, r"bits=.* is not supported; valid values are \(2, 3, 4, 8\)") for b in (0, 1, 5, 16, "4")),
+    *(({"group_size": g}, rf"group_size={g!r} is invalid; it must be a positive multiple of 8")
+      for g in (0, -8, 12, 7, 64.0)),
+    ({"bitz": 4}, r"unknown rs_compile option\(s\) \['bitz'\]; valid options are \[.*'bits'"),
+]
+
+
+@pytest.mark.parametrize("options, message", INVALID_OPTIONS)
+def test_invalid_convert_option_is_refused_and_the_model_unchanged(options, message):
     model = TwoLayer()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"bits=.* is not supported; valid values are \(2, 3, 4, 8\)"):
-        rs_compile.convert(model, bits=bits)
-    assert_unchanged(model, before)
-
-
-@pytest.mark.parametrize("group_size", [0, -8, 12, 7, 64.0])
-def test_group_size_not_a_positive_multiple_of_8(group_size):
-    model = TwoLayer()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=rf"group_size={group_size!r} is invalid; it must be a positive multiple of 8"):
-        rs_compile.convert(model, group_size=group_size)
-    assert_unchanged(model, before)
-
-
-def test_unknown_option_in_convert_overrides():
-    model = TwoLayer()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"unknown rs_compile option\(s\) \['bitz'\]; valid options are \[.*'bits'"):
-        rs_compile.convert(model, bitz=4)
+    with pytest.raises(ValueError, match=message):
+        rs_compile.convert(model, **options)
     assert_unchanged(model, before)
 
 
@@ -105,11 +96,17 @@ def test_unsupported_layers_are_skipped_with_a_reason():
             self.ints = nn.Linear(64, 64)
             self.ints.weight = nn.Parameter(torch.ones(64, 64, dtype=torch.int8), requires_grad=False)
             self.ok = nn.Linear(64, 64)
+            self.sub = Scaled(64, 64)
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
 
     model = Mixed()
     rs_compile.convert(model)
     reasons = dict(model.rs_report.skipped)
-    assert reasons.keys() == {"small", "head", "ints"}
+    assert reasons.keys() == {"small", "head", "ints", "sub"}
+    assert "Scaled subclasses nn.Linear" in reasons["sub"] and type(model.sub) is Scaled
     assert "smaller than min_features=16" in reasons["small"]
     assert "tied with ['emb.weight']" in reasons["head"] and "compress_tied=True" in reasons["head"]
     assert "torch.int8 is not floating point" in reasons["ints"]
