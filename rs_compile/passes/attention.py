@@ -14,6 +14,13 @@ additive mask: masked_fill/where on the scores become ``where(cond, c, 0)``, SDP
 passed as is. SDPA's ``is_causal`` is top-left aligned and rs::attention's bottom-right; they agree
 when T == S is provable, otherwise the top-left rule is passed as a ``[T, S]`` bool mask.
 
+A mask that is nothing but a causal rule built from indices, as transformers builds it
+(``kv_idx <= q_idx`` on ``arange`` positions, expanded, then ``where(cond, 0, finfo.min)`` for
+eager attention or passed as SDPA's bool mask), becomes ``causal=True`` with no mask: the kernels
+then skip the blocks above the diagonal and no ``[T, S]`` mask is built or read. That is exact
+only when no row is fully masked (S >= T) and the masked value underflows the softmax to 0
+(-inf, or at most the dtype's most negative finite value); otherwise the mask is kept.
+
 k and v may come through repeat_kv (``x[:, :, None].expand(...).reshape(...)``) or
 ``repeat_interleave(n, dim=1)``; both are stripped because the op does grouped-query attention
 itself. A candidate that looks like attention but cannot be rewritten exactly is left alone and
@@ -49,9 +56,11 @@ _FUNCTIONS = {
     torch.repeat_interleave: "repeat_interleave",
     torch.reshape: "reshape", torch.unsqueeze: "unsqueeze",
     operator.getitem: "getitem",
+    torch.arange: "arange", torch.zeros: "zeros",
+    operator.le: "le", torch.le: "le", operator.ge: "ge", torch.ge: "ge",
 }
 _METHODS = {"__matmul__": "matmul", "__mul__": "mul", "__rmul__": "mul", "__truediv__": "div",
-            "__add__": "add", "__radd__": "add", "view": "reshape"}
+            "__add__": "add", "__radd__": "add", "view": "reshape", "__le__": "le", "__ge__": "ge"}
 _CASTS = {"float", "double", "half", "bfloat16"}
 
 
@@ -348,6 +357,76 @@ def _build_mask(graph: fx.Graph, masks: list) -> fx.Node | None:
     return total
 
 
+def _int(x):
+    """An int or SymInt argument (a graph node's example value), else None."""
+    x = _val(x) if isinstance(x, fx.Node) else x
+    return x if isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool) else None
+
+
+def _positions(node) -> tuple[int, object, object] | None:
+    """``(axis, length, first)`` of an index tensor ``(arange(n) [+ offset])[None, .., :, ..]``:
+    values ``first + i`` along ``axis`` (negative, from the end), every other dim of size 1."""
+    if op_name(node) != "getitem" or not isinstance(node.args[1], tuple):
+        return None
+    index = node.args[1]
+    full = [i for i, x in enumerate(index) if x == slice(None)]
+    if len(full) != 1 or sum(x is None for x in index) != len(index) - 1:
+        return None
+    src, offset = node.args[0], 0
+    if op_name(src) == "add" and len(src.args) == 2 and not src.kwargs:
+        a, b = src.args
+        src, offset = (a, _int(b)) if op_name(a) == "arange" else (b, _int(a))
+    if op_name(src) != "arange" or offset is None or _val(src) is None:
+        return None
+    if len(src.args) == 1:
+        start = 0
+    elif len(src.args) == 2 or len(src.args) == 3 and src.args[2] == 1:
+        start = _int(src.args[0])
+    else:
+        return None
+    if start is None or set(src.kwargs) - {"device", "dtype"}:
+        return None
+    return full[0] - len(index), _val(src).shape[0], start + offset
+
+
+def _is_causal_rule(cond, t, s) -> bool:
+    """``cond`` (through expands) is ``kv_idx <= q_idx`` with rs::attention's bottom-right
+    alignment for these T and S, and no query row is left without a key."""
+    while op_name(cond) == "expand":
+        cond = cond.args[0]
+    name = op_name(cond)
+    if name not in ("le", "ge") or len(cond.args) != 2 or cond.kwargs:
+        return False
+    kv, q = cond.args if name == "le" else reversed(cond.args)
+    kv, q = _positions(kv), _positions(q)
+    if kv is None or q is None or kv[0] != -1 or q[0] != -2:
+        return False
+    # key j visible to query i iff j + kv_first <= i + q_first; the op's rule is j <= i + (S - T)
+    return all(statically_known_true(c) for c in (
+        kv[1] == s, q[1] == t, q[2] - kv[2] == s - t, s >= t))
+
+
+def _underflows(value, dtype: torch.dtype) -> bool:
+    return _number(value) and (value == float("-inf") or value <= torch.finfo(dtype).min)
+
+
+def _fold_causal(m: AttentionMatch) -> None:
+    """A sole mask that is only the causal rule becomes ``causal=True`` (see the module docstring)."""
+    if m.causal or len(m.masks) != 1 or isinstance(m.masks[0], tuple):
+        return
+    mask, q, k = m.masks[0], _val(m.q), _val(m.k)
+    if getattr(_val(mask), "dtype", None) == torch.bool:
+        cond = mask
+    elif (op_name(mask) == "where" and len(mask.args) == 3 and not mask.kwargs
+          and (mask.args[1] == 0 or op_name(mask.args[1]) == "zeros")
+          and _underflows(mask.args[2], q.dtype)):
+        cond = mask.args[0]
+    else:
+        return
+    if _is_causal_rule(cond, q.shape[-2], k.shape[-2]):
+        m.masks, m.causal = [], True
+
+
 def check(m: AttentionMatch) -> None:
     """NearMiss unless rs::attention can run the matched inputs."""
     from rs_compile.ops.attention import attention_supported
@@ -386,6 +465,7 @@ def find_attention(graph: fx.Graph, report: Report) -> list[AttentionMatch]:
             m = match_sdpa(node) if name == "sdpa" else match_eager(node)
             if m is not None:
                 check(m)
+                _fold_causal(m)
                 matches.append(m)
         except NearMiss as miss:
             report.skip(module_name(node), f"attention not rewritten: {miss}")

@@ -4,6 +4,13 @@ The backend below is compile_graph's flow with the two new passes ahead of compr
 Inductor. Each model runs two sequence lengths: the second forces dynamo's dynamic-shape recompile,
 which must be rewritten the same way.
 
+Inductor compiles (two per model) are most of this module's time, so each model goes through
+Inductor with one attention implementation and runs the other's rewritten graph eagerly (the op's
+CPU reference). After the rewrite both hand Inductor the same op and differ only in its mask and
+causal arguments, whose lowering tests/unit/test_attention_op.py covers (static, dynamic, GQA,
+masks, causal). Through Inductor: GPT-2 eager, BERT SDPA, Llama SDPA (GQA), all with a padding
+mask; test_unpadded_causal_mask_becomes_the_causal_flag covers the unpadded causal form.
+
 References, bits=8:
 * tight: the same model after ``rs_compile.convert`` (the same decoded weights in eager nn
   modules, the model's own attention code). Only fp32 summation order differs: rtol/atol 1e-4.
@@ -32,6 +39,9 @@ CONFIG = CompressionConfig(bits=8)
 LAYERS = 2
 MODELS = {"gpt2": (configs.gpt2, 0), "bert": (configs.bert, 2), "llama": (configs.llama, 2)}
 LENGTHS = (8, 13)
+# (model, attention implementation, through Inductor?)
+CASES = [("gpt2", "eager", True), ("gpt2", "sdpa", False), ("bert", "eager", False),
+         ("bert", "sdpa", True), ("llama", "eager", False), ("llama", "sdpa", True)]
 
 
 class AttentionBackend:
@@ -72,16 +82,16 @@ def output(out):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-@pytest.fixture(scope="module", params=[(m, a) for m in MODELS for a in ("eager", "sdpa")],
-                ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", params=CASES,
+                ids=lambda p: f"{p[0]}-{p[1]}-{'inductor' if p[2] else 'passes'}")
 def compiled(request):
     """Compile once per model and attention implementation; run both lengths."""
-    name, attn = request.param
+    name, attn, inductor = request.param
     build, fused = MODELS[name]
     model = build("tiny", attn_implementation=attn)
     reference = rs_compile.convert(copy.deepcopy(model), bits=CONFIG.bits)
     torch._dynamo.reset()  # the first length compiles static, the second dynamic
-    backend = AttentionBackend()
+    backend = AttentionBackend(inductor=inductor)
     opt = torch.compile(model, backend=backend)
     with torch.no_grad():
         runs = [(output(opt(**inputs(t))), output(reference(**inputs(t))),
@@ -137,3 +147,20 @@ def test_attention_dropout_in_training_is_a_near_miss(attn, reason):
     model = configs.bert("tiny", attn_implementation=attn).train()
     rewrites, reasons = near_misses(model)
     assert rewrites == [] and reasons == [f"attention not rewritten: {reason}"] * LAYERS
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_unpadded_causal_mask_becomes_the_causal_flag(name):
+    """Without padding, transformers' eager causal mask is only the causal rule: the op gets
+    causal=True and no mask (what lets the flash kernel skip the upper triangle at T = 1024)."""
+    model = MODELS[name][0]("tiny", attn_implementation="eager")
+    torch._dynamo.reset()
+    backend = AttentionBackend(CompressionConfig(min_features=2**31 - 1), inductor=False)
+    opt = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for t in LENGTHS:
+            ids = inputs(t)["input_ids"]
+            torch.testing.assert_close(output(opt(ids)), output(model(ids)), rtol=1e-5, atol=1e-5)
+    assert [dynamic for _, dynamic in backend.compiles] == [False, True]
+    for report, _ in backend.compiles:
+        assert [a.detail.split(", ")[-1] for a in report.attention_rewrites] == ["causal"] * LAYERS

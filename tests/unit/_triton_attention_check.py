@@ -11,10 +11,10 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
+from _attention_reference import sdpa64
 from rs_compile.kernels.triton_attention import BLOCK_M, triton_attention
 
 # (B, H, Hkv, T, S, D, dtype, mask kind, causal); T and S not multiples of the block included.
@@ -27,22 +27,6 @@ CASES = [
     (1, 2, 2, 33, 33, 64, torch.float16, "add", True),
 ]
 assert any(c[3] % BLOCK_M for c in CASES)
-
-
-def sdpa64(q, k, v, mask, causal, scale):
-    t, s = q.shape[2], k.shape[2]
-    if causal:
-        allowed = torch.ones(t, s, dtype=torch.bool).tril(s - t)
-        if mask is None:
-            mask = allowed
-        elif mask.dtype == torch.bool:
-            mask = mask & allowed
-        else:
-            mask = mask.masked_fill(~allowed, float("-inf"))
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.double()
-    q, k, v = (x.double() for x in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def make_mask(kind, b, t, s):

@@ -246,6 +246,63 @@ def test_dropout_is_a_near_miss(fn, reason):
     assert outs[0].shape == (B, H, 8, D)
 
 
+# --- a mask that is only the causal rule becomes causal=True ------------------------------------
+
+def index_causal(t, s, q_first, kv_first=0):
+    """transformers' causal mask: ``kv_idx <= q_idx`` on arange positions, expanded to [B, 1, T, S]."""
+    q_idx = (torch.arange(t) + q_first)[None, None, :, None]
+    kv_idx = (kv_first + torch.arange(s))[None, None, None, :]
+    return (kv_idx <= q_idx).expand(B, -1, t, s)
+
+
+def eager_with(cond_fn, masked=None):
+    """Eager attention with ``where(cond, 0, masked)`` as its additive mask (finfo.min default)."""
+    def fn(q, k, v, mask):
+        t, s = q.shape[2], k.shape[2]
+        fill = torch.finfo(q.dtype).min if masked is None else masked
+        bias = torch.where(cond_fn(t, s), torch.zeros(()), fill)
+        return F.softmax(q @ k.transpose(-1, -2) * 0.25 + bias, dim=-1) @ v
+    return fn
+
+
+def sdpa_index_causal(q, k, v, mask):
+    t, s = q.shape[2], k.shape[2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=index_causal(t, s, s - t))
+
+
+CAUSAL_RULES = {  # name -> (fn, query rows cut off q, folded into causal=True?)
+    "eager T == S": (eager_with(lambda t, s: index_causal(t, s, 0)), 0, True),
+    "eager KV cache, offsets": (eager_with(lambda t, s: index_causal(t, s, s - t + 5, 5)), 3, True),
+    "eager -inf": (eager_with(lambda t, s: index_causal(t, s, 0), float("-inf")), 0, True),
+    "sdpa bool": (sdpa_index_causal, 3, True),
+    # kept as a mask: not the op's alignment, a finite fill that is not the dtype's minimum,
+    # or fully masked rows (the first query sees no key), where mask and causal rule differ
+    "eager top-left with T < S": (eager_with(lambda t, s: index_causal(t, s, 0)), 3, False),
+    "eager fill -1e4": (eager_with(lambda t, s: index_causal(t, s, 0), -1e4), 0, False),
+    "eager diagonal masked": (eager_with(lambda t, s: index_causal(t, s, -1)), 0, False),
+}
+
+
+@pytest.mark.parametrize("case", CAUSAL_RULES)
+def test_causal_rule_mask_is_folded_only_when_exact(case):
+    """q, k, v split from one tensor, as in a model: T and S stay related in the dynamic graph."""
+    fn, cut, folded = CAUSAL_RULES[case]
+
+    def split_qkv(x):
+        q, k, v = x.split(D, dim=-1)
+        return fn(q[:, :, cut:], k, v, None)
+
+    calls = [(torch.cat(qkv(t), dim=-1),) for t in (8, 11)]
+    cap, outs, refs = run(split_qkv, calls)
+    assert [c[0] for c in cap.compiles] == [[1], [1]]
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for _, _, gm in cap.compiles:
+        node = next(n for n in gm.graph.nodes if n.target is torch.ops.rs.attention.default)
+        mask, causal = node.args[3:5]
+        assert (mask is None, causal) == (folded, folded)
+
+
 def test_attention_option_off_rewrites_nothing():
     cap = Capture(config=CompressionConfig(bits=8, attention=False))
     cap, _, _ = run(gpt2_eager, [(*qkv(8), padding_mask(8))], cap)

@@ -21,29 +21,13 @@ from torch._inductor import decomposition as inductor_decomp
 from torch._inductor.utils import run_and_get_code
 
 import rs_compile.lowering.attention as lowering
+from _attention_reference import sdpa64
 from rs_compile.ops.attention import attention, attention_supported
 
 REPO = Path(__file__).resolve().parents[2]
 NEG_INF = float("-inf")
 
 lowering.install()
-
-
-def sdpa64(q, k, v, mask=None, causal=False, scale=None):
-    """Float64 SDPA with the op's bottom-right causal rule spelled as an explicit tril mask."""
-    t, s = q.shape[2], k.shape[2]
-    if causal:
-        allowed = torch.ones(t, s, dtype=torch.bool).tril(s - t)
-        if mask is None:
-            mask = allowed
-        elif mask.dtype == torch.bool:
-            mask = mask & allowed
-        else:
-            mask = mask.masked_fill(~allowed, NEG_INF)
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.double()
-    q, k, v = (x.double() for x in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def qkv(b, h, hkv, t, s, d, dtype=torch.float32, requires_grad=False):
