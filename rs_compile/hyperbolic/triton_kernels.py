@@ -53,6 +53,16 @@ def _tile(rows, cols, M, D):
 
 
 @triton.jit
+def _load_pair(x_ptr, y_ptr, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows, offsets, mask and the x, y tiles of this program's block of rows."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs, mask = _tile(rows, tl.arange(0, BLOCK_D), M, D)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+    return rows, offs, mask, x, y
+
+
+@triton.jit
 def _mobius_add_kernel(
     x_ptr,
     y_ptr,
@@ -64,11 +74,8 @@ def _mobius_add_kernel(
     BLOCK_D: tl.constexpr,
     MIN_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs, mask = _tile(rows, tl.arange(0, BLOCK_D), M, D)
+    _, offs, mask, x, y = _load_pair(x_ptr, y_ptr, M, D, BLOCK_M, BLOCK_D)
     c = tl.load(p_ptr)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0)
     xy = tl.sum(x * y, axis=1)[:, None]
     x2 = tl.sum(x * x, axis=1)[:, None]
     y2 = tl.sum(y * y, axis=1)[:, None]
@@ -89,13 +96,10 @@ def _dist_kernel(
     BLOCK_D: tl.constexpr,
     MIN_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs, mask = _tile(rows, tl.arange(0, BLOCK_D), M, D)
+    rows, _, _, x, y = _load_pair(x_ptr, y_ptr, M, D, BLOCK_M, BLOCK_D)
     c = tl.load(p_ptr)
     amax = tl.load(p_ptr + 1)
     s = tl.sqrt(c)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0)
     diff = x - y
     m = tl.maximum(tl.sqrt(tl.sum(diff * diff, axis=1)), MIN_N)
     q2 = (
