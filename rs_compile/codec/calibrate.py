@@ -25,15 +25,9 @@ BLOCK = 128  # columns per lazy GPTQ update: rank-128 updates of the remaining c
 LLOYD_STEPS = 4  # scale refits per curvature in the group search (calibration-free uses 1, for speed)
 
 
-def damped_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (float64).
-
-    Damping regularises ``H`` towards plain weight error: calibration sets of a few hundred
-    tokens span few directions of a wide layer, and an undamped ``H`` would trade unseen
-    directions for seen ones (see CompressionConfig.gptq_damp).
-    """
-    lower = torch.linalg.cholesky(damped(hessian, damp))
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+def inverse_factor(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of ``h^-1`` for a damped ``h`` (see :func:`damped`), float64."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
 def gptq_encode(
@@ -58,8 +52,8 @@ def gptq_encode(
     ng = num_groups(k, group_size)
     table = level_table(bits, curvatures, float(curv_step))
     order = torch.argsort(hessian.diagonal(), descending=True, stable=True)
-    u = damped_inverse_factor(hessian[order][:, order], damp)
     h = damped(hessian, damp)
+    u = inverse_factor(h[order][:, order])
     codes = feedback_codes(weight, start.scales, start.curv, table, order, u,
                            unpack_codes(start.codes, bits, group_size).reshape(n, ng * group_size),
                            group_size)
@@ -103,7 +97,12 @@ def feedback_codes(
 
 
 def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """``H + damp * mean(diag H) * I`` in float64 (the matrix GPTQ's factor is taken of)."""
+    """``H + damp * mean(diag H) * I`` in float64 (the matrix GPTQ's factor is taken of).
+
+    Damping regularises ``H`` towards plain weight error: calibration sets of a few hundred
+    tokens span few directions of a wide layer, and an undamped ``H`` would trade unseen
+    directions for seen ones (see CompressionConfig.gptq_damp).
+    """
     h = hessian.double().clone()
     mean_diag = float(h.diagonal().mean())
     if not mean_diag > 0:

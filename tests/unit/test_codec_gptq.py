@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rs_compile.codec.calibrate import damped_inverse_factor, gptq_encode, refit_scales
+from rs_compile.codec.calibrate import damped, gptq_encode, inverse_factor, refit_scales
 from rs_compile.codec.encode import encode
 
 
@@ -49,12 +49,12 @@ def test_gptq_output_has_the_calibration_free_layout():
     assert enc.meta() == free.meta()
 
 
-def test_damped_inverse_factor_is_the_cholesky_factor_of_the_damped_inverse():
+def test_inverse_factor_is_the_cholesky_factor_of_the_damped_inverse():
     _, x = layer_and_inputs(k=24, tokens=16)  # rank 16 < 24: singular without damping
     h = x.T @ x
-    u = damped_inverse_factor(h, 0.1)
-    damped = h + 0.1 * h.diagonal().mean() * torch.eye(24, dtype=torch.float64)
-    torch.testing.assert_close(u.T @ u, torch.linalg.inv(damped), rtol=1e-8, atol=1e-10)
+    u = inverse_factor(damped(h, 0.1))
+    expected = h + 0.1 * h.diagonal().mean() * torch.eye(24, dtype=torch.float64)
+    torch.testing.assert_close(u.T @ u, torch.linalg.inv(expected), rtol=1e-8, atol=1e-10)
     assert torch.equal(u, torch.triu(u))
 
 
