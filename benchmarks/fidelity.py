@@ -4,6 +4,7 @@ and the encoder's speed on a 125M GPT-2.
     python benchmarks/fidelity.py                       # every part (about 5 min on 2 idle cores)
     python benchmarks/fidelity.py --parts speed         # only the GPT-2 encode timing
     python benchmarks/fidelity.py --parts weights minilm stories calibrated eightbit
+    python benchmarks/fidelity.py --parts activations   # W4A8: int8 activations on top of 4-bit
 
 Data: held-out sentences / sequences sampled with ``HELDOUT_SEED`` (64 x 128 tokens by default);
 calibration uses the disjoint ``CALIBRATION_SENTENCES`` / ``CALIBRATION_SEED`` (docs/fidelity.md).
@@ -32,10 +33,11 @@ from rs_compile.eval.harness import (
     evaluate_encoder,
     layer_weight_errors,
 )
-from rs_compile.eval.metrics import sample_sequences
+from rs_compile.eval.metrics import embedding_cosine, next_token_kl_top1, sample_sequences
+from rs_compile.eval.splits import HELDOUT_SEED, HELDOUT_SENTENCES
 from rs_compile.eval.splits import CALIBRATION_SEED, CALIBRATION_SENTENCES
 
-PARTS = ("weights", "minilm", "stories", "calibrated", "eightbit", "speed")
+PARTS = ("weights", "minilm", "stories", "calibrated", "eightbit", "activations", "speed")
 Check = tuple[str, str, "bool | None"]  # (criterion, measured figure, met; None: report only)
 
 
@@ -129,6 +131,33 @@ def calibrated_variants(models, label: str, calibration: list) -> dict[str, Quan
             "gptq budget 4.5": calibrated_quantizer(model, calibration, label, bit_budget=4.5)}
 
 
+def part_activations(models, sequences: int) -> list[Check]:
+    """The converted models (calibration-free 4-bit, eager) with float vs int8 activations
+    (``act_bits=8``, what the W4A8 decode kernel computes), against the original."""
+    from rs_compile.models.minilm import sentence_embeddings
+
+    minilm, tokenizer = models["minilm"]
+    stories, _ = models["stories"]
+    embed = lambda m: sentence_embeddings(m, tokenizer, list(HELDOUT_SENTENCES))  # noqa: E731
+    reference = embed(minilm)
+    held_out = sample_sequences(stories, sequences, 128, HELDOUT_SEED)
+    figures = {}
+    print(f"\nW4A8: convert(bits=4) eager, MiniLM 1-cos on 40 sentences, TinyStories KL / top-1 on "
+          f"{sequences} x 128 tokens")
+    for act_bits in (0, 8):
+        cos = embedding_cosine(reference, embed(rs_compile.convert(copy.deepcopy(minilm),
+                                                                    act_bits=act_bits)))
+        kl, top1 = next_token_kl_top1(stories, rs_compile.convert(copy.deepcopy(stories),
+                                                                  act_bits=act_bits), held_out)
+        figures[act_bits] = (float(1 - cos.mean()), kl, top1)
+        print(f"  act_bits={act_bits}: minilm 1-cos {figures[act_bits][0]:.5f}, "
+              f"stories KL {kl:.4f} top-1 {top1:.2%}")
+    (c0, k0, _), (c8, k8, t8) = figures[0], figures[8]
+    return [("W4A8 minilm 1-cos (report)", f"{c8:.5f} (W4 {c0:.5f}, {c8 / c0:.3f}x)", None),
+            ("W4A8 stories KL / top-1 (report)", f"{k8:.4f} / {t8:.2%} (W4 KL {k0:.4f}, "
+             f"{k8 / k0:.3f}x)", None)]
+
+
 def part_speed(layers_to_recheck: int = 4) -> list[Check]:
     """Wall and process-CPU time of convert() on a random-weight GPT-2 small (48 linears; lm_head is
     tied to the embedding and skipped), peak resident memory above the loaded model, and a
@@ -218,6 +247,8 @@ def main() -> None:
             r8 = res["ours8"]
             figure = f"{r8.kl:.4f} / {r8.top1:.2%} (int8 {res['int8'].kl:.4f} / {res['int8'].top1:.2%})"
             checks.append(("stories 8-bit KL / top-1 (report)", figure, None))
+    if "activations" in parts:
+        checks += part_activations(models, args.sequences)
     if "speed" in parts:
         checks += part_speed()
     print("\nacceptance")

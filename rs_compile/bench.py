@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 
 MODELS = ("kogpt2", "gpt2-tiny", "gpt2-small", "llama-tiny", "llama-small")
-CONFIGS = ("eager", "inductor", "torchao-int8", "torchao-int4", "torchao-intx4", "rs-4bit", "rs-8bit")
+CONFIGS = ("eager", "inductor", "torchao-int8", "torchao-int4", "torchao-intx4", "rs-4bit", "rs-8bit",
+           "rs-4bit-a8")
 
 
 @dataclass
@@ -68,10 +69,10 @@ def _torchao(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     return model
 
 
-def _rs(model: torch.nn.Module, bits: int) -> torch.nn.Module:
+def _rs(model: torch.nn.Module, bits: int, act_bits: int = 0) -> torch.nn.Module:
     import rs_compile
 
-    return rs_compile.convert(model, bits=bits, compress_tied=True)
+    return rs_compile.convert(model, bits=bits, compress_tied=True, act_bits=act_bits)
 
 
 # config -> (weight transform, torch.compile backend or None for eager)
@@ -83,6 +84,7 @@ PREPARE: dict[str, tuple[Callable[[torch.nn.Module], torch.nn.Module], str | Non
     "torchao-intx4": (lambda m: _torchao(m, "intx4"), "inductor"),
     "rs-4bit": (lambda m: _rs(m, 4), "realitystone"),
     "rs-8bit": (lambda m: _rs(m, 8), "realitystone"),
+    "rs-4bit-a8": (lambda m: _rs(m, 4, act_bits=8), "realitystone"),
 }
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from rs_compile.codec.activations import ACT_BITS
 from rs_compile.codec.format import SUPPORTED_BITS, check_format
 
 
@@ -25,6 +26,9 @@ class CompressionConfig:
     fuse_qkv: fuse q/k/v projections of one input into a single compressed linear.
     gptq: with calibration data (``convert(..., calibration=...)``), encode with GPTQ error
         feedback; False weights only the per-group search by each input's mean square.
+    act_bits: 0 keeps float activations (weight-only); 8 rounds each activation row to int8 per
+        weight group at run time (W4A8), so that the CPU decode kernel multiplies in integers
+        (about 2x the float GEMV for 4-bit codes; fidelity cost in docs/fidelity.md).
     gptq_damp: GPTQ's damping, relative to the mean diagonal of the inputs' second moments. GPTQ's
         own 0.01 suits thousands of tokens; with a dozen sentences (~160 tokens for 384-wide
         layers) 0.1 measured 24% lower MiniLM embedding error, and equal on TinyStories-260K.
@@ -41,6 +45,7 @@ class CompressionConfig:
     gptq: bool = True
     gptq_damp: float = 0.1
     bit_budget: float | None = None
+    act_bits: int = 0
 
     def __post_init__(self) -> None:
         check_format(self.bits, self.group_size)
@@ -60,6 +65,9 @@ class CompressionConfig:
                 and self.bit_budget > 0):
             raise ValueError(f"bit_budget={self.bit_budget!r} is invalid; it must be None or a "
                              "finite number of bits per weight > 0, e.g. 4.5")
+        if self.act_bits not in ACT_BITS:
+            raise ValueError(f"act_bits={self.act_bits!r} is invalid; valid values are {ACT_BITS} "
+                             "(0: float activations, 8: dynamic int8 activations)")
         if not isinstance(self.min_features, int) or self.min_features < 1:
             raise ValueError(f"min_features={self.min_features!r} is invalid; it must be an int >= 1")
 

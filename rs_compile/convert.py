@@ -102,7 +102,7 @@ def convert(
     new: dict[str, CompressedLinear] = {}
     for name, (module, weight, bias) in layers.items():
         enc = encoded[name]
-        new[name] = CompressedLinear(enc, bias).to(weight.device)
+        new[name] = CompressedLinear(enc, bias, config.act_bits).to(weight.device)
         report.linear_rewrites.append(LinearRewrite(
             module=name, pattern=type(module).__name__, out_features=enc.out_features,
             in_features=enc.in_features, bits=enc.bits,

@@ -99,7 +99,7 @@ def _compressed_module(name: str, module: nn.Module | None, m: dict, tensors: di
     codes, scales, curv = (tensors.pop(k) for k in keys[:3])
     enc = EncodedWeight(codes, scales, curv, m["bits"], m["group_size"], m["in_features"],
                         m["curv_step"])
-    return CompressedLinear(enc, tensors.pop(keys[3]) if m["bias"] else None)
+    return CompressedLinear(enc, tensors.pop(keys[3]) if m["bias"] else None, m.get("act_bits", 0))
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rs_compile.codec.activations import quantize_activations
 from rs_compile.codec.format import PLANES, group_bytes, unit_params
 from rs_compile.ops.linear import check_inputs
 
@@ -93,9 +94,12 @@ def triton_poincare_linear(
     group_size: int,
     in_features: int,
     curv_step: float,
+    act_bits: int = 0,
 ) -> torch.Tensor:
     """Same contract as ``torch.ops.rs.poincare_linear``; leading dims of x are flattened."""
-    check_inputs(x, codes, scales, curv, bias, bits, group_size, in_features)
+    check_inputs(x, codes, scales, curv, bias, bits, group_size, in_features, act_bits)
+    if act_bits:
+        x = quantize_activations(x, group_size)
     planes = PLANES[bits]
     if len(planes) > 2:
         raise NotImplementedError(f"the Triton kernel unpacks at most 2 bit planes, bits={bits}")

@@ -4,6 +4,9 @@
   one vectorised C++ reduction that streams each code byte once and never stores a dense weight.
 * Many rows (prefill): decode once into a dense buffer, then a BLAS GEMM, whose cost the GEMM
   dominates and which amortises the decode over the rows.
+* ``act_bits=8``: the activations are rounded first (same expressions as the reference); at few
+  rows a 4-bit weight goes to the hand-written integer kernel ``rs::gemv_w4a8`` instead, which is
+  about 2x the float GEMV (rs_compile.lowering.gemv_w4a8).
 
 The threshold is a guard on the symbolic row count: a dynamic prefill graph and the static
 one-row decode graph each compile once.
@@ -34,7 +37,9 @@ from __future__ import annotations
 
 import torch
 
+from rs_compile.codec.activations import quantize_activations
 from rs_compile.codec.format import PLANES, group_bytes, unit_params
+from rs_compile.lowering import gemv_w4a8
 from rs_compile.lowering.registry import register
 from rs_compile.ops.linear import poincare_linear  # noqa: F401  (defines torch.ops.rs.poincare_linear)
 
@@ -92,11 +97,16 @@ def decode_slot(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bits: int) ->
 
 
 def poincare_linear_decomposition(
-    x, codes, scales, curv, bias, bits, group_size, in_features, curv_step
+    x, codes, scales, curv, bias, bits, group_size, in_features, curv_step, act_bits=0
 ):
     n, ng = scales.shape
     kp = ng * group_size
     x2 = x.reshape(-1, in_features)
+    if act_bits:
+        if x2.shape[0] <= GEMV_MAX_ROWS and gemv_w4a8.supports(x, bits, group_size, curv_step):
+            return torch.ops.rs.gemv_w4a8(x, codes, scales, curv, bias, group_size, in_features,
+                                          curv_step)
+        x2 = quantize_activations(x2, group_size)
     if kp != in_features:  # zero columns meet the padding codes; cat keeps masks out of the loop
         x2 = torch.cat([x2, x2.new_zeros(x2.shape[0], kp - in_features)], dim=1)
     m = x2.shape[0]

@@ -183,6 +183,11 @@ def skip_reason(w, config, outside: list[fx.Node], mutated: bool) -> str | None:
     return None
 
 
+def act_bits_kwargs(config) -> dict:
+    """The op's ``act_bits`` keyword, left out at its default so graphs print as before."""
+    return {"act_bits": config.act_bits} if config.act_bits else {}
+
+
 def compress_linears(rw, config, report: Report) -> int:
     """Rewrite every matched linear of ``rw`` (a GraphRewrite); returns the number rewritten."""
     from rs_compile.ops.linear import poincare_linear  # noqa: F401  (registers rs::poincare_linear)
@@ -223,6 +228,7 @@ def compress_linears(rw, config, report: Report) -> int:
             new = graph.call_function(
                 torch.ops.rs.poincare_linear.default,
                 (m.x, *nodes, bias, enc.bits, enc.group_size, enc.in_features, enc.curv_step),
+                act_bits_kwargs(config),
             )
         new.meta.update({k: v for k, v in m.node.meta.items() if k != "example_value"})
         m.node.replace_all_uses_with(new)

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from rs_compile.codec.encode import encode_parameter
 from rs_compile.passes.linear import (
+    act_bits_kwargs,
     LinearMatch,
     is_mutated,
     readers_outside,
@@ -74,7 +75,8 @@ def _fuse(rw, config, group: list[LinearMatch], report: Report) -> None:
     with graph.inserting_before(first):
         fused = graph.call_function(
             torch.ops.rs.poincare_linear.default,
-            (group[0].x, *nodes, bias, e.bits, e.group_size, e.in_features, e.curv_step))
+            (group[0].x, *nodes, bias, e.bits, e.group_size, e.in_features, e.curv_step),
+            act_bits_kwargs(config))
         parts = graph.call_function(torch.split, (fused, sizes), {"dim": -1})
         outs = [graph.call_method("contiguous", (graph.call_function(operator.getitem, (parts, i)),))
                 for i in range(len(group))]

@@ -50,12 +50,12 @@ def test_gpt2_round_trip_is_bit_exact(gpt2_saved, fresh):
 
 
 def test_meta_llama_gets_its_non_persistent_buffers(tmp_path):
-    converted = rs_compile.convert(configs.llama("tiny"), bits=3, group_size=32)
+    converted = rs_compile.convert(configs.llama("tiny"), bits=3, group_size=32, act_bits=8)
     serialization.save(converted, tmp_path)
     loaded = serialization.load(on_meta(lambda: configs.llama("tiny", seed=3)), tmp_path)
     rotary = loaded.model.rotary_emb.inv_freq
     assert not rotary.is_meta and torch.equal(rotary, converted.model.rotary_emb.inv_freq)
-    assert {m.bits for m in loaded.modules() if isinstance(m, CompressedLinear)} == {3}
+    assert {(m.bits, m.act_bits) for m in loaded.modules() if isinstance(m, CompressedLinear)} == {(3, 8)}
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, converted(IDS).logits)
 

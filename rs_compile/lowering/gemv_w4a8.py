@@ -1,0 +1,92 @@
+"""``rs::gemv_w4a8``: the decode-time CPU kernel of ``rs::poincare_linear`` with ``act_bits=8``.
+
+Inductor's C++ for the float GEMV (rs_compile.lowering.linear) is ALU-bound at about 10 vector
+instructions per 8 weights. With int8 activations and an integer curvature step, every level of
+a group is an integer (``147 d + c d^3``, see ``gemv_w4a8.cpp``), so the dot products run in int16
+multiply-adds with the levels looked up by ``vpshufb``: about 20 instructions per 64 weights.
+Inductor does not emit these, so the kernel is hand-written and built by Inductor's own C++
+toolchain and cache (``CppPythonBindingsCodeCache``: its compiler flags and OpenMP runtime, one
+build per machine).
+
+Scope: 4-bit codes, ``group_size % 64 == 0``, integer ``curv_step`` <= 61, float32 CPU
+activations, an x86 CPU with AVX2 (or AVX-512). Anything else keeps the activation rounding
+followed by the float path: the same result up to float rounding.
+
+The op is registered with ``torch.library.Library`` rather than ``custom_op``: Inductor calls it
+once per linear per token, and the ``custom_op`` wrapper costs ~60 us per call against ~10 here.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+
+from rs_compile.codec.activations import quantize_activations
+from rs_compile.codec.format import decode_weight
+
+_ARGTYPES = ["const float*", "const uint8_t*", "const uint16_t*", "const uint8_t*", "const float*",
+             "float*", "int64_t*", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t",
+             "int64_t", "int64_t"]
+MAX_LEVEL_CURVATURE = 61  # 147 * 8 + 61 * 8**3 < 2**15: the largest c * curv_step with int16 levels
+
+
+@functools.cache
+def available() -> bool:
+    """True when Inductor builds for an x86 vector ISA with AVX2 (AVX2 or AVX-512)."""
+    from torch._inductor.cpu_vec_isa import VecAVX2, VecAVX512, pick_vec_isa
+
+    return isinstance(pick_vec_isa(), (VecAVX2, VecAVX512))
+
+
+def supports(x: torch.Tensor, bits: int, group_size: int, curv_step: float) -> bool:
+    return (bits == 4 and group_size % 64 == 0 and float(curv_step).is_integer()
+            and 0 <= curv_step <= MAX_LEVEL_CURVATURE and x.dtype == torch.float32
+            and x.device.type == "cpu" and available())
+
+
+@functools.cache
+def _kernel():
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    source = Path(__file__).with_suffix(".cpp").read_text()
+    return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, source, needs_vec_isa=True)
+
+
+_LIB = torch.library.Library("rs", "FRAGMENT")
+_LIB.define("gemv_w4a8(Tensor x, Tensor codes, Tensor scales, Tensor curv, Tensor? bias, "
+            "int group_size, int in_features, float curv_step) -> Tensor")
+
+
+def _gemv_w4a8(x, codes, scales, curv, bias, group_size, in_features, curv_step):
+    """``rs::poincare_linear(..., bits=4, act_bits=8)`` on CPU, inputs checked by that op."""
+    if not supports(x, 4, group_size, curv_step):
+        raise RuntimeError(
+            f"rs::gemv_w4a8 needs float32 CPU activations, group_size % 64 == 0, an integer "
+            f"curv_step <= {MAX_LEVEL_CURVATURE} and AVX2; got {x.dtype} on {x.device}, "
+            f"group_size={group_size}, curv_step={curv_step}")
+    x2 = x.reshape(-1, in_features).contiguous()
+    n, ng = scales.shape
+    out = torch.empty((x2.shape[0], n), dtype=torch.float32)
+    status = torch.zeros(1, dtype=torch.int64)
+    b = out if bias is None else bias.to(torch.float32).contiguous()
+    _kernel()(x2, codes.contiguous(), scales.contiguous(), curv.contiguous(), b, out, status,
+              x2.shape[0], n, ng, group_size, in_features, int(curv_step), int(bias is not None))
+    if status.item():
+        warnings.warn(f"rs::gemv_w4a8: a curvature index times curv_step exceeds "
+                      f"{MAX_LEVEL_CURVATURE}; computing this layer with the reference instead "
+                      "(slower). Encode with fewer curvatures to use the kernel.", stacklevel=2)
+        w = decode_weight(codes, scales, curv, 4, group_size, in_features, curv_step)
+        out = torch.nn.functional.linear(quantize_activations(x2, group_size), w, b if
+                                         bias is not None else None)
+    return out.view(*x.shape[:-1], n)
+
+
+_LIB.impl("gemv_w4a8", _gemv_w4a8, "CPU")
+
+
+@torch.library.register_fake("rs::gemv_w4a8")
+def _(x, codes, scales, curv, bias, group_size, in_features, curv_step):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))

@@ -1,0 +1,180 @@
+"""W4A8: the int8 activation rounding, the hand-written CPU kernel ``rs::gemv_w4a8`` against a
+float64 re-derivation, and the lowering that routes ``act_bits=8`` decode rows to it.
+
+Tolerance: the kernel's integer sums are exact and only its float32 epilogue rounds (per group
+one product and one add, then a sum over groups), so it agrees with float64 to ~1e-6 of
+|x_q| @ |W|.T; 2**-17 of that bound is used, as for the float path.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
+
+from rs_compile import CompressionConfig
+from rs_compile.codec.activations import quantize_activations
+from rs_compile.codec.encode import encode
+from rs_compile.codec.format import unpack_codes
+from rs_compile.lowering import gemv_w4a8
+from rs_compile.modules import CompressedLinear
+
+needs_kernel = pytest.mark.skipif(not gemv_w4a8.available(),
+                                  reason="rs::gemv_w4a8 needs an x86 CPU with AVX2")
+
+
+def rounded_f64(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float64 re-derivation of the activation rounding: per row and group, s = max|x| / 127
+    (in float32, as stored), x -> round(x / s) * s."""
+    k = x.shape[-1]
+    xs = x.double().reshape(-1, k)
+    out = torch.empty_like(xs)
+    for r in range(xs.shape[0]):
+        for g0 in range(0, k, group_size):
+            v = xs[r, g0:g0 + group_size]
+            s = torch.tensor(v.abs().max().item() / 127.0 if v.abs().max() > 0 else 1.0,
+                             dtype=torch.float32).double()
+            out[r, g0:g0 + group_size] = torch.round(v.float().double() / s) * s
+    return out.view(x.shape)
+
+
+def decoded_f64(layer: CompressedLinear) -> torch.Tensor:
+    """float64 decode from the published formula w = s u (1 + c u^2 / 3), u = (q - 7) / 7."""
+    q = unpack_codes(layer.codes, 4, layer.group_size).double()
+    u = (q - 7.0) / 7.0
+    c = layer.curv.double().unsqueeze(-1) * layer.curv_step
+    w = layer.scales.double().unsqueeze(-1) * u * (1.0 + c * u * u / 3.0)
+    return w.reshape(w.shape[0], -1)[:, :layer.in_features]
+
+
+def layer_for(n, k, group_size=64, curvatures=4, curv_step=1.0, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    b = torch.randn(n, generator=g) if bias else None
+    return CompressedLinear(encode(w, 4, group_size, curvatures, curv_step), b, act_bits=8).eval()
+
+
+def check_close(out, layer, x):
+    xq = rounded_f64(x, layer.group_size)
+    w = decoded_f64(layer)
+    b = None if layer.bias is None else layer.bias.double()
+    ref = F.linear(xq, w, b)
+    bound = 2.0**-17 * (F.linear(xq.abs(), w.abs(), None if b is None else b.abs()) + 1e-30)
+    assert ((out.double() - ref).abs() <= bound).all(), (out.double() - ref).abs().max()
+
+
+def test_rounding_matches_a_float64_rederivation_and_uses_int8_levels():
+    x = torch.randn(3, 200) * torch.linspace(0.01, 10, 200)
+    q = quantize_activations(x, 64)
+    assert torch.equal(q.double(), rounded_f64(x, 64).float().double())
+    for g0 in range(0, 200, 64):
+        v, vq = x[:, g0:g0 + 64], q[:, g0:g0 + 64]
+        s = v.abs().amax(-1, keepdim=True) / 127.0
+        levels = vq / s
+        assert torch.allclose(levels, levels.round(), atol=1e-3) and levels.abs().max() <= 127.001
+        assert torch.allclose(vq.abs().amax(-1), v.abs().amax(-1))  # the largest keeps its value
+
+
+def test_rounding_keeps_zeros_and_nans_so_the_layer_output_is_nan():
+    x = torch.zeros(1, 128)
+    x[0, 70] = float("nan")
+    q = quantize_activations(x, 64)
+    assert torch.equal(q[0, :64], torch.zeros(64)) and q[0, 70].isnan()
+    assert layer_for(8, 128)(x).isnan().all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,group_size,rows,bias", [
+    (300, 200, 64, 1, True),     # in_features padded to 256
+    (64, 768, 64, 3, False),
+    (257, 384, 128, 2, True),    # two 32-byte chunks per group
+])
+def test_kernel_matches_float64(n, k, group_size, rows, bias):
+    layer = layer_for(n, k, group_size, bias=bias)
+    x = torch.randn(rows, k) * 2
+    out = torch.ops.rs.gemv_w4a8(x, layer.codes, layer.scales, layer.curv, layer.bias,
+                                 group_size, k, layer.curv_step)
+    check_close(out, layer, x)
+
+
+@needs_kernel
+@pytest.mark.parametrize("curvatures,curv_step", [(1, 0.0), (4, 2.0), (62, 1.0)])
+def test_kernel_levels_for_other_curvature_grids(curvatures, curv_step):
+    layer = layer_for(96, 256, curvatures=curvatures, curv_step=curv_step)
+    x = torch.randn(1, 256)
+    out = torch.ops.rs.gemv_w4a8(x, layer.codes, layer.scales, layer.curv, layer.bias, 64, 256,
+                                 curv_step)
+    check_close(out, layer, x)
+
+
+@needs_kernel
+def test_kernel_falls_back_with_a_warning_when_levels_overflow_int16():
+    layer = layer_for(32, 128, curvatures=4, curv_step=1.0)
+    layer.curv[0, 0] = 62  # 147 * 8 + 62 * 512 > 32767
+    x = torch.randn(1, 128)
+    with pytest.warns(UserWarning, match="exceeds 61"):
+        out = torch.ops.rs.gemv_w4a8(x, layer.codes, layer.scales, layer.curv, layer.bias, 64,
+                                     128, 1.0)
+    check_close(out, layer, x)
+
+
+@needs_kernel
+def test_kernel_nan_and_inf_activations_give_nan_not_garbage():
+    layer = layer_for(16, 128)
+    x = torch.randn(3, 128)
+    x[1, 5], x[2, 100] = float("nan"), float("inf")
+    out = torch.ops.rs.gemv_w4a8(x, layer.codes, layer.scales, layer.curv, layer.bias, 64, 128, 1.0)
+    assert out[1:].isnan().all() and out[0].isfinite().all()
+
+
+@needs_kernel
+def test_kernel_rejects_what_it_cannot_compute():
+    layer = layer_for(16, 128)
+    with pytest.raises(RuntimeError, match="float32 CPU activations"):
+        torch.ops.rs.gemv_w4a8(torch.randn(1, 128, dtype=torch.float64), layer.codes,
+                               layer.scales, layer.curv, None, 64, 128, 1.0)
+    with pytest.raises(RuntimeError, match="integer curv_step"):
+        torch.ops.rs.gemv_w4a8(torch.randn(1, 128), layer.codes, layer.scales, layer.curv, None,
+                               64, 128, 0.5)
+
+
+@pytest.fixture(scope="module")
+def compiled_layers():
+    """One compile each of a 4-bit and an 8-bit act_bits=8 layer, called with 1 and 8 rows."""
+    layers = {bits: CompressedLinear(encode(torch.randn(96, 200) * 0.05, bits, 64, 4, 1.0),
+                                     torch.randn(96), act_bits=8).eval() for bits in (4, 8)}
+    codes = {}
+    with torch.inference_mode():
+        for bits, layer in layers.items():
+            fn = torch.compile(layer, backend="realitystone", dynamic=False)
+            for rows in (1, 8):
+                x = torch.randn(rows, 200)
+                out, code = run_and_get_code(fn, x)
+                codes[bits, rows] = (x, out, "\n".join(code))
+    return layers, codes
+
+
+@needs_kernel
+def test_one_row_4bit_goes_to_the_kernel_and_matches(compiled_layers):
+    layers, codes = compiled_layers
+    x, out, code = codes[4, 1]
+    assert "torch.ops.rs.gemv_w4a8" in code
+    check_close(out, layers[4], x)
+
+
+@pytest.mark.parametrize("bits,rows", [(4, 8), (8, 1), (8, 8)])
+def test_other_shapes_round_then_take_the_float_path(compiled_layers, bits, rows):
+    layers, codes = compiled_layers
+    x, out, code = codes[bits, rows]
+    assert "gemv_w4a8" not in code
+    layer = layers[bits]
+    ref = F.linear(rounded_f64(x, 64), layer.dequantize().double(), layer.bias.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_act_bits_is_validated_and_kept_by_the_module():
+    with pytest.raises(ValueError, match="act_bits=4 is invalid"):
+        CompressionConfig(act_bits=4)
+    layer = layer_for(16, 64)
+    assert layer.meta()["act_bits"] == 8 and "act_bits=8" in repr(layer)
+    x = torch.randn(2, 64)
+    check_close(layer(x), layer, x)  # the eager op rounds the activations too
