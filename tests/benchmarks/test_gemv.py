@@ -38,9 +38,9 @@ def _bench(benchmark, fn):
         benchmark(fn, x)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_rs_compiled(benchmark, weights, bits):
-    layers = [CompressedLinear(encode(w, bits, 64, 4, 1.0)) for w in weights]
+@pytest.mark.parametrize("bits,act_bits", [(4, 0), (8, 0), (4, 8)])
+def test_rs_compiled(benchmark, weights, bits, act_bits):
+    layers = [CompressedLinear(encode(w, bits, 64, 4, 1.0), act_bits=act_bits) for w in weights]
     _bench(benchmark, torch.compile(chain(layers), backend="realitystone"))
 
 
