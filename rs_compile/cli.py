@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 def _config(args: argparse.Namespace) -> CompressionConfig:
     from rs_compile.config import CompressionConfig
 
-    options = {"bits": args.bits, "group_size": args.group_size}
+    options = {"bits": args.bits, "group_size": args.group_size,
+               "act_bits": getattr(args, "act_bits", None)}
     return CompressionConfig.from_options(None, {k: v for k, v in options.items() if v is not None})
 
 
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", parents=[codec], help="compress a model folder and save it")
     p.add_argument("model", help="local model folder or built-in name")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--act-bits", type=int, choices=(0, 8),
+                   help="8: int8 activations at run time, the fastest CPU decode (default 0)")
     p.add_argument("--calibration", type=Path, help="text file, one calibration sample per line")
     p.set_defaults(func=_convert)
 

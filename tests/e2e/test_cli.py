@@ -31,11 +31,13 @@ def test_console_script_offline_hub_name_fails_fast_with_alternatives():
 def test_convert_writes_a_folder_that_reloads_bit_exactly(tmp_path, capsys):
     configs.gpt2("tiny").save_pretrained(tmp_path / "dense")  # a local transformers folder
     out = tmp_path / "compressed"
-    assert main(["convert", str(tmp_path / "dense"), "--out", str(out), "--bits", "8", "--group-size", "32"]) == 0
+    assert main(["convert", str(tmp_path / "dense"), "--out", str(out), "--bits", "8", "--group-size", "32",
+                 "--act-bits", "8"]) == 0
     printed = capsys.readouterr().out
     assert "8 linear rewrites" in printed and str(out) in printed
-    reference = rs_compile.convert(configs.gpt2("tiny"), bits=8, group_size=32)
+    reference = rs_compile.convert(configs.gpt2("tiny"), bits=8, group_size=32, act_bits=8)
     loaded, _ = load_model(out)
+    assert {m.act_bits for m in loaded.modules() if isinstance(m, rs_compile.CompressedLinear)} == {8}
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, reference(IDS).logits)
 
