@@ -31,13 +31,14 @@ K = 100  # not a multiple of any group size below: a partial last group
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
-def _case(bits: int, group_size: int, x: torch.Tensor, with_bias: bool, seed: int) -> dict:
+def _case(bits: int, group_size: int, x: torch.Tensor, with_bias: bool, seed: int,
+          act_bits: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     k = x.shape[-1]
     enc = encode(torch.randn(N, k, generator=g) * 0.05, bits=bits, group_size=group_size)
     bias = torch.randn(N, generator=g) if with_bias else None
-    out = triton_poincare_linear(x, *enc.tensors(), bias, **enc.meta())
-    ref = poincare_linear(x, *enc.tensors(), bias, **enc.meta())
+    out = triton_poincare_linear(x, *enc.tensors(), bias, **enc.meta(), act_bits=act_bits)
+    ref = poincare_linear(x, *enc.tensors(), bias, **enc.meta(), act_bits=act_bits)
 
     w = decode_weight(*enc.tensors(), **enc.meta()).to(x.dtype).double()
     s = x.double().abs() @ w.abs().t()
@@ -47,11 +48,13 @@ def _case(bits: int, group_size: int, x: torch.Tensor, with_bias: bool, seed: in
     err = (out.double() - ref.double()).abs()
     ok = out.shape == ref.shape and out.dtype == x.dtype and bool((err <= tol).all())
     return dict(bits=bits, group_size=group_size, shape=list(x.shape), dtype=str(x.dtype),
-                bias=with_bias, ok=ok, err_over_tol=float((err / tol).max()))
+                bias=with_bias, act_bits=act_bits, ok=ok, err_over_tol=float((err / tol).max()))
 
 
 def _cases():
-    """(bits, group_size, x, bias): every bits x group pair, then dtypes and layouts."""
+    """(bits, group_size, x, bias[, act_bits]): every bits x group pair, then dtypes, layouts and
+    int8 activations (both sides round x with the same function; |x_q| <= |x| (1 + 1/254) keeps
+    the tolerance)."""
     g = torch.Generator().manual_seed(0)
     rows = (1, 3, 17)  # 1 and 3: broadcast-sum path; 17: tl.dot path with a partial row tile
     for (i, bits), (j, gs) in itertools.product(enumerate((2, 3, 4, 8)), enumerate((32, 64, 128))):
@@ -66,6 +69,8 @@ def _cases():
         yield bits, 64, torch.randn(m, K, generator=g).bfloat16(), True
     yield 4, 64, torch.randn(2, 9, 128, generator=g), True  # leading dims, K a group multiple
     yield 3, 32, torch.randn(20, 128, generator=g)[:, :K], False  # strided rows (non-contiguous)
+    for m in (1, 17):
+        yield 4, 64, torch.randn(m, K, generator=g), True, 8
 
 
 def main() -> int:
@@ -73,7 +78,8 @@ def main() -> int:
         print("run with TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     torch.set_num_threads(1)  # tiny shapes: extra threads only contend on the shared cores
-    results = [_case(*c, seed=i) for i, c in enumerate(_cases())]
+    results = [_case(*c[:4], seed=i, act_bits=c[4] if len(c) > 4 else 0)
+               for i, c in enumerate(_cases())]
     failed = [r for r in results if not r["ok"]]
     print(json.dumps(dict(cases=len(results), failed=failed,
                           max_err_over_tol=max(r["err_over_tol"] for r in results))))
