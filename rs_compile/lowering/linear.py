@@ -6,7 +6,7 @@
   dominates and which amortises the decode over the rows.
 * ``act_bits=8``: the activations are rounded first (same expressions as the reference); at few
   rows a 4-bit weight goes to the hand-written integer kernel ``rs::gemv_w4a8`` instead, which is
-  about 2x the float GEMV (rs_compile.lowering.gemv_w4a8).
+  ~1.7x the float GEMV (rs_compile.lowering.gemv_w4a8).
 
 The threshold is a guard on the symbolic row count: a dynamic prefill graph and the static
 one-row decode graph each compile once.
