@@ -178,3 +178,19 @@ def test_act_bits_is_validated_and_kept_by_the_module():
     assert layer.meta()["act_bits"] == 8 and "act_bits=8" in repr(layer)
     x = torch.randn(2, 64)
     check_close(layer(x), layer, x)  # the eager op rounds the activations too
+
+
+@needs_kernel
+def test_backend_option_act_bits_rewrites_plain_linears_to_the_kernel():
+    """torch.compile(..., options={"act_bits": 8}) on nn.Linear: same rounding, kernel for 1 row."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 96), torch.nn.ReLU(), torch.nn.Linear(96, 64))
+    compiled = torch.compile(model, backend="realitystone", options={"act_bits": 8}, dynamic=False)
+    x = torch.randn(1, 128)
+    with torch.inference_mode():
+        out, code = run_and_get_code(compiled, x)
+    assert "\n".join(code).count("= torch.ops.rs.gemv_w4a8.default(") == 2
+    first, second = (CompressedLinear(encode(m.weight.detach(), 4, 64, 4, 1.0), m.bias.detach(),
+                                      act_bits=8) for m in (model[0], model[2]))
+    hidden = torch.relu(first(x))
+    check_close(out, second, hidden)
