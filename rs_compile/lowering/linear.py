@@ -158,6 +158,7 @@ def install() -> None:
     from torch._inductor.codegen.cpp import CppVecKernel
 
     register(torch.ops.rs.poincare_linear.default, poincare_linear_decomposition)
+    gemv_w4a8.install()
     current = CppVecKernel._get_vec_load_line
     if not getattr(current, "rs_fast_byte_loads", False):
         CppVecKernel._get_vec_load_line = _fast_byte_loads(current)
