@@ -104,14 +104,20 @@ def install() -> None:
     """Let Inductor call :func:`gemv_w4a8_out` without the dispatcher (idempotent)."""
     from torch._inductor import ir, lowering
     from torch._inductor.select_algorithm import extern_kernels
+    from torch._inductor.virtualized import V
 
     extern_kernels.rs_gemv_w4a8 = gemv_w4a8_out
     op = torch.ops.rs.gemv_w4a8.default
     if op in lowering.lowerings:
         return
 
+    through_dispatcher = lowering.fallback_handler(op, add_to_fallback_set=False)
+
     @lowering.register_lowering(op, type_promotion_kind=None)
     def _lower(x, codes, scales, curv, bias, group_size, in_features, curv_step):
+        if V.graph.cpp_wrapper:  # a C++ wrapper cannot call a Python function: keep the op
+            return through_dispatcher(x, codes, scales, curv, bias, group_size, in_features,
+                                      curv_step)
         size = [*x.get_size()[:-1], codes.get_size()[0]]
         layout = ir.FixedLayout(x.get_device(), torch.float32, size,
                                 ir.FlexibleLayout.contiguous_strides(size))

@@ -194,3 +194,17 @@ def test_backend_option_act_bits_rewrites_plain_linears_to_the_kernel():
                                       act_bits=8) for m in (model[0], model[2]))
     hidden = torch.relu(first(x))
     check_close(out, second, hidden)
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_cpp_wrapper_keeps_the_op_call():
+    """Inductor's C++ wrapper cannot call the Python extern kernel: the op goes through the
+    dispatcher there, same numbers."""
+    import torch._inductor.config as inductor_config
+
+    layer = layer_for(96, 128)
+    x = torch.randn(1, 128)
+    with inductor_config.patch(cpp_wrapper=True), torch.inference_mode():
+        out = torch.compile(layer, backend="realitystone")(x)
+    check_close(out, layer, x)
