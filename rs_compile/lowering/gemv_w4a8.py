@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from rs_compile.codec.activations import quantize_activations
-from rs_compile.codec.format import decode_weight
+from rs_compile.ops.linear import poincare_linear  # noqa: F401  (defines torch.ops.rs.poincare_linear)
 
 _ARGTYPES = ["const float*", "const uint8_t*", "const uint16_t*", "const uint8_t*", "const float*",
              "float*", "int64_t*", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t",
@@ -63,32 +62,33 @@ _LIB.define("gemv_w4a8(Tensor x, Tensor codes, Tensor scales, Tensor curv, Tenso
 
 
 def gemv_w4a8_out(x, codes, scales, curv, bias, group_size, in_features, curv_step, *, out):
-    """``rs::gemv_w4a8`` into ``out`` (float32, contiguous, ``[*x.shape[:-1], N]``)."""
-    if not supports(x, 4, group_size, curv_step):
-        raise RuntimeError(
-            f"rs::gemv_w4a8 needs float32 CPU activations, group_size % 64 == 0, an integer "
-            f"curv_step <= {MAX_LEVEL_CURVATURE} and AVX2; got {x.dtype} on {x.device}, "
-            f"group_size={group_size}, curv_step={curv_step}")
-    x2 = x.reshape(-1, in_features).contiguous()
+    """``rs::gemv_w4a8`` into ``out`` (float32, ``[*x.shape[:-1], N]``). The compiled graph's call:
+    its inputs are contiguous and :func:`supports` held when the graph was built."""
+    x2 = x.view(-1, in_features)
     n, ng = scales.shape
     status = torch.empty(1, dtype=torch.int64)
-    b = out if bias is None else bias.to(torch.float32).contiguous()
-    _kernel()(x2, codes.contiguous(), scales.contiguous(), curv.contiguous(), b, out, status,
-              x2.shape[0], n, ng, group_size, in_features, int(curv_step), int(bias is not None))
+    b = out if bias is None else bias.to(torch.float32)
+    _kernel()(x2, codes, scales, curv, b, out, status, x2.shape[0], n, ng, group_size,
+              in_features, int(curv_step), int(bias is not None))
     if status.item():
         warnings.warn(f"rs::gemv_w4a8: a curvature index times curv_step exceeds "
                       f"{MAX_LEVEL_CURVATURE}; computing this layer with the reference instead "
                       "(slower). Encode with fewer curvatures to use the kernel.", stacklevel=2)
-        w = decode_weight(codes, scales, curv, 4, group_size, in_features, curv_step)
-        y = torch.nn.functional.linear(quantize_activations(x2, group_size), w,
-                                       None if bias is None else b)
-        out.copy_(y.view(out.shape))
+        out.copy_(torch.ops.rs.poincare_linear(x, codes, scales, curv, bias, 4, group_size,
+                                               in_features, curv_step, 8))
     return out
 
 
 def _gemv_w4a8(x, codes, scales, curv, bias, group_size, in_features, curv_step):
     """``rs::poincare_linear(..., bits=4, act_bits=8)`` on CPU, inputs checked by that op."""
+    if not supports(x, 4, group_size, curv_step):
+        raise RuntimeError(
+            f"rs::gemv_w4a8 needs float32 CPU activations, group_size % 64 == 0, an integer "
+            f"curv_step <= {MAX_LEVEL_CURVATURE} and AVX2; got {x.dtype} on {x.device}, "
+            f"group_size={group_size}, curv_step={curv_step}")
     out = torch.empty((*x.shape[:-1], scales.shape[0]), dtype=torch.float32)
+    x, codes, scales, curv = (t.contiguous() for t in (x, codes, scales, curv))
+    bias = None if bias is None else bias.contiguous()
     return gemv_w4a8_out(x, codes, scales, curv, bias, group_size, in_features, curv_step, out=out)
 
 
@@ -122,7 +122,7 @@ def install() -> None:
         layout = ir.FixedLayout(x.get_device(), torch.float32, size,
                                 ir.FlexibleLayout.contiguous_strides(size))
         tensors = [ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(t))
-                   for t in (x, codes, scales, curv, bias) if t is not None]
+                   for t in (x, codes, scales, curv, bias) if t is not None]  # what the call assumes
         # constant arguments follow the tensors: a missing bias is passed as None in its place
         constants = ([] if bias is not None else [None]) + [group_size, in_features, curv_step]
         return ir.TensorBox.create(ir.ExternKernelOut(
