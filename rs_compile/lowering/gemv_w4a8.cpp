@@ -41,52 +41,75 @@ inline float half_to_float(uint16_t h) {
 #endif
 }
 
+inline float hsum(__m256 v) {
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_hadd_ps(t, t);
+  return _mm_cvtss_f32(_mm_hadd_ps(t, t));
+}
+
+inline float hmax(__m256 v) {
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
+// Rounds one group of G values to int16 x8 = round(v / s), s = max|v| / 127, stored per 32 values
+// in the order 0..7, 16..23, 8..15, 24..31 (what vpunpck{l,h}bw produce from the codes); returns
+// s, or NaN (with zeros stored) if the group holds a NaN or inf.
+float quantize_group(const float* v, int64_t G, int16_t* dst) {
+  const __m256 zero = _mm256_setzero_ps(), lim = _mm256_set1_ps(127.0f);
+  __m256 amax = zero, nan = zero;  // nan: sum of v * 0, which is NaN unless every v is finite
+  for (int64_t i = 0; i < G; i += 8) {
+    const __m256 t = _mm256_loadu_ps(v + i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), t));
+    nan = _mm256_add_ps(nan, _mm256_mul_ps(t, zero));
+  }
+  if (!(hsum(nan) == 0.0f)) {
+    std::fill(dst, dst + G, int16_t{0});
+    return NAN;
+  }
+  const float m = hmax(amax), s = m > 0.0f ? m / 127.0f : 1.0f;
+  const __m256 vs = _mm256_set1_ps(s);
+  for (int64_t c = 0; c < G; c += 32) {
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(v + c + 8 * j), vs),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, -lim), lim));
+    }
+    // packs interleaves 4-value blocks of its operands per 128-bit lane; the permute restores
+    // 0..7 | 16..23 and 8..15 | 24..31
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[2]), 0xD8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c + 16),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi32(q[1], q[3]), 0xD8));
+  }
+  return s;
+}
+
 struct Activations {
-  std::vector<int16_t> x16;  // [m, kp]; per 32 values the order 0..7, 16..23, 8..15, 24..31
-  std::vector<float> scale;  // [m, ng]; NaN if the group holds a NaN or inf
+  std::vector<int16_t> x16;  // [m, ng * G], see quantize_group
+  std::vector<float> scale;  // [m, ng]
 };
 
+// Groups run past k when G does not divide it: the last one is rounded from a zero-padded copy.
 Activations quantize(const float* x, int64_t m, int64_t k, int64_t ng, int64_t G) {
-  const int64_t kp = ng * G;
-  Activations a{std::vector<int16_t>(m * kp), std::vector<float>(m * ng)};
-  std::vector<int16_t> q(G);
+  Activations a{std::vector<int16_t>(m * ng * G), std::vector<float>(m * ng)};
+  std::vector<float> tail(G, 0.0f);
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t g = 0; g < ng; ++g) {
-      const int64_t lo = g * G, hi = std::min(k, lo + G);
-      float amax = 0.f;
-      bool finite = true;
-      for (int64_t i = lo; i < hi; ++i) {
-        const float v = x[r * k + i];
-        finite = finite && std::isfinite(v);
-        amax = std::max(amax, std::fabs(v));
+      const float* v = x + r * k + g * G;
+      if ((g + 1) * G > k) {
+        std::copy(v, x + (r + 1) * k, tail.begin());
+        v = tail.data();
       }
-      const float s = amax > 0.f ? amax / 127.0f : 1.0f;
-      for (int64_t i = 0; i < G; ++i) {
-        const float v = lo + i < hi && finite ? std::nearbyint(x[r * k + lo + i] / s) : 0.f;
-        q[i] = static_cast<int16_t>(std::min(127.f, std::max(-127.f, v)));
-      }
-      a.scale[r * ng + g] = finite ? s : NAN;
-      for (int64_t c = 0; c < G; c += 32) {
-        int16_t* dst = &a.x16[r * kp + lo + c];
-        for (int i = 0; i < 8; ++i) {
-          dst[i] = q[c + i];
-          dst[8 + i] = q[c + 16 + i];
-          dst[16 + i] = q[c + 8 + i];
-          dst[24 + i] = q[c + 24 + i];
-        }
-      }
+      a.scale[r * ng + g] = quantize_group(v, G, &a.x16[(r * ng + g) * G]);
     }
   }
   return a;
 }
 
 inline __m256i load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
-
-inline float hsum(__m256 v) {
-  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  t = _mm_hadd_ps(t, t);
-  return _mm_cvtss_f32(_mm_hadd_ps(t, t));
-}
 
 // Low and high bytes of N(q) = 147 (q - 7) + c (q - 7)^3, q = 0..15, in both 128-bit lanes.
 struct Levels {
@@ -103,62 +126,110 @@ struct Levels {
   }
 };
 
+// The level tables of curvature indices 0..255 with c * curv_step <= 61, for each curv_step 0..61;
+// built once.
+const std::vector<Levels>& levels_for(int64_t curv_step) {
+  static const auto all = [] {
+    std::vector<std::vector<Levels>> t(62);
+    for (int64_t step = 0; step < 62; ++step)
+      for (int64_t c = 0; c < 256 && c * step <= 61; ++c) t[step].emplace_back(c * step);
+    return t;
+  }();
+  return all[curv_step];
+}
+
+// One group's sum of x16 * N(q) in int32 lanes, over its G / 64 chunks of 32 code bytes; CH is
+// G / 64 when known at compile time (groups of 64 and 128 unroll), else 0.
+template <int CH>
+inline __m256i group_dot(const uint8_t* c, const int16_t* x, const Levels& t, int64_t G) {
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  const int64_t half = CH ? 32 * CH : G / 2;
+  __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+  for (int64_t j = 0; j < half; j += 32) {
+    const __m256i v = load(c + j);
+    const __m256i lo = _mm256_and_si256(v, nibble);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    const int16_t* xl = x + j;
+    const int16_t* xh = xl + half;
+    __m256i l8 = _mm256_shuffle_epi8(t.low, lo), h8 = _mm256_shuffle_epi8(t.high, lo);
+    s0 = _mm256_add_epi32(s0, _mm256_add_epi32(
+        _mm256_madd_epi16(_mm256_unpacklo_epi8(l8, h8), load(xl)),
+        _mm256_madd_epi16(_mm256_unpackhi_epi8(l8, h8), load(xl + 16))));
+    l8 = _mm256_shuffle_epi8(t.low, hi);
+    h8 = _mm256_shuffle_epi8(t.high, hi);
+    s1 = _mm256_add_epi32(s1, _mm256_add_epi32(
+        _mm256_madd_epi16(_mm256_unpacklo_epi8(l8, h8), load(xh)),
+        _mm256_madd_epi16(_mm256_unpackhi_epi8(l8, h8), load(xh + 16))));
+  }
+  return _mm256_add_epi32(s0, s1);
+}
+
+// This thread's share of the output rows; two groups at a time for two independent chains.
+template <int CH>
+void rows(const Activations& act, const uint8_t* codes, const uint16_t* scales,
+          const uint8_t* curv, const float* bias, float* out, const std::vector<Levels>& levels,
+          int64_t m, int64_t n, int64_t ng, int64_t G, int64_t& bad, int64_t chunk) {
+  const int64_t kp = ng * G, gb = G / 2;
+  std::vector<float> coef(ng), w(ng);  // s / 1029 of the current row; times the activation scale
+#pragma omp for schedule(dynamic, chunk)
+  for (int64_t row = 0; row < n; ++row) {
+    const uint8_t* cv = curv + row * ng;
+    const uint16_t* sc = scales + row * ng;
+    int64_t g = 0;
+    for (; g + 8 <= ng; g += 8)
+      _mm256_storeu_ps(&coef[g], _mm256_mul_ps(
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g))),
+          _mm256_set1_ps(1.0f / 1029.0f)));
+    for (; g < ng; ++g) coef[g] = half_to_float(sc[g]) * (1.0f / 1029.0f);
+    uint8_t cmax = 0;
+    for (g = 0; g < ng; ++g) cmax = std::max(cmax, cv[g]);
+    if (cmax >= static_cast<int64_t>(levels.size())) {
+      bad = 1;
+      continue;
+    }
+    const uint8_t* crow = codes + row * ng * gb;
+    for (int64_t r = 0; r < m; ++r) {
+      const int16_t* x16 = &act.x16[r * kp];
+      const float* sx = &act.scale[r * ng];
+      for (g = 0; g + 8 <= ng; g += 8)
+        _mm256_storeu_ps(&w[g], _mm256_mul_ps(_mm256_loadu_ps(&coef[g]), _mm256_loadu_ps(sx + g)));
+      for (; g < ng; ++g) w[g] = coef[g] * sx[g];
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (g = 0; g + 2 <= ng; g += 2) {
+        const __m256i a = group_dot<CH>(crow + g * gb, x16 + g * G, levels[cv[g]], G);
+        const __m256i b = group_dot<CH>(crow + (g + 1) * gb, x16 + (g + 1) * G, levels[cv[g + 1]], G);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_broadcast_ss(&w[g]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b), _mm256_broadcast_ss(&w[g + 1]), acc1);
+      }
+      if (g < ng) {
+        const __m256i a = group_dot<CH>(crow + g * gb, x16 + g * G, levels[cv[g]], G);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_broadcast_ss(&w[g]), acc0);
+      }
+      out[r * n + row] = hsum(_mm256_add_ps(acc0, acc1)) + (bias ? bias[row] : 0.f);
+    }
+  }
+}
+
 }  // namespace
 
-// status[0] is set to 1 (and out left incomplete) when a group's curvature index c has
-// c * curv_step > 61, whose levels do not fit int16.
-extern "C" void kernel(const float* x, const uint8_t* codes, const uint16_t* scales,
-                       const uint8_t* curv, const float* bias, float* out, int64_t* status,
-                       int64_t m, int64_t n, int64_t ng, int64_t G, int64_t k, int64_t curv_step,
-                       int64_t has_bias) {
-  const int64_t kp = ng * G, gb = G / 2;
-  const int64_t ntables = curv_step == 0 ? 256 : std::min<int64_t>(256, 61 / curv_step + 1);
-  std::vector<Levels> levels;
-  for (int64_t c = 0; c < ntables; ++c) levels.emplace_back(c * curv_step);
+// Returns 1 (and leaves out incomplete) when a group's curvature index c has c * curv_step > 61,
+// whose levels do not fit int16; 0 otherwise.
+extern "C" int64_t kernel(const float* x, const uint8_t* codes, const uint16_t* scales,
+                          const uint8_t* curv, const float* bias, float* out, int64_t m, int64_t n,
+                          int64_t ng, int64_t G, int64_t k, int64_t curv_step, int64_t has_bias) {
+  if (curv_step < 0 || curv_step > 61) return 1;
+  const std::vector<Levels>& levels = levels_for(curv_step);
   const Activations act = quantize(x, m, k, ng, G);
-  const __m256i nibble = _mm256_set1_epi8(0x0f);
   int64_t bad = 0;
   // Dynamic chunks of ~1/8 of a thread's share: on a shared machine one core often runs slower
   // than the other, and a static split then waits for it (measured ~15% on the lm_head).
   const int64_t chunk = std::max<int64_t>(16, n / (8 * omp_get_max_threads()));
+  const float* b = has_bias ? bias : nullptr;
 #pragma omp parallel reduction(| : bad)
   {
-    std::vector<float> coef(ng);  // s / 1029 of the current row
-#pragma omp for schedule(dynamic, chunk)
-    for (int64_t row = 0; row < n; ++row) {
-      for (int64_t g = 0; g < ng; ++g) {
-        coef[g] = half_to_float(scales[row * ng + g]) * (1.0f / 1029.0f);
-        bad |= curv[row * ng + g] >= ntables;
-      }
-      if (bad) continue;
-      const uint8_t* crow = codes + row * ng * gb;
-      for (int64_t r = 0; r < m; ++r) {
-        const int16_t* x16 = &act.x16[r * kp];
-        const float* sx = &act.scale[r * ng];
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t g = 0; g < ng; ++g) {
-          const Levels& t = levels[curv[row * ng + g]];
-          __m256i s = _mm256_setzero_si256();
-          for (int64_t j = 0; j < gb; j += 32) {
-            const __m256i v = load(crow + g * gb + j);
-            const __m256i lo = _mm256_and_si256(v, nibble);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-            const int16_t* xl = x16 + g * G + j;
-            const int16_t* xh = xl + gb;
-            __m256i l8 = _mm256_shuffle_epi8(t.low, lo), h8 = _mm256_shuffle_epi8(t.high, lo);
-            __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(l8, h8), load(xl)),
-                                         _mm256_madd_epi16(_mm256_unpackhi_epi8(l8, h8), load(xl + 16)));
-            l8 = _mm256_shuffle_epi8(t.low, hi);
-            h8 = _mm256_shuffle_epi8(t.high, hi);
-            p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_unpacklo_epi8(l8, h8), load(xh)));
-            p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_unpackhi_epi8(l8, h8), load(xh + 16)));
-            s = _mm256_add_epi32(s, p);
-          }
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(sx[g] * coef[g]), acc);
-        }
-        out[r * n + row] = hsum(acc) + (has_bias ? bias[row] : 0.f);
-      }
-    }
+    if (G == 64) rows<1>(act, codes, scales, curv, b, out, levels, m, n, ng, G, bad, chunk);
+    else if (G == 128) rows<2>(act, codes, scales, curv, b, out, levels, m, n, ng, G, bad, chunk);
+    else rows<0>(act, codes, scales, curv, b, out, levels, m, n, ng, G, bad, chunk);
   }
-  status[0] = bad;
+  return bad;
 }

@@ -29,8 +29,7 @@ import torch
 from rs_compile.ops.linear import poincare_linear  # noqa: F401  (defines torch.ops.rs.poincare_linear)
 
 _ARGTYPES = ["const float*", "const uint8_t*", "const uint16_t*", "const uint8_t*", "const float*",
-             "float*", "int64_t*", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t",
-             "int64_t", "int64_t"]
+             "float*", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t"]
 MAX_LEVEL_CURVATURE = 61  # 147 * 8 + 61 * 8**3 < 2**15: the largest c * curv_step with int16 levels
 
 
@@ -52,8 +51,14 @@ def supports(x: torch.Tensor, bits: int, group_size: int, curv_step: float) -> b
 def _kernel():
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
+    class Bindings(CppPythonBindingsCodeCache):
+        """Inductor's bindings, returning the kernel's int64 status instead of None."""
+
+        cache: dict = {}
+        call_entry_function = "return PyLong_FromLongLong(kernel({}));"
+
     source = Path(__file__).with_suffix(".cpp").read_text()
-    return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, source, needs_vec_isa=True)
+    return Bindings.load_pybinding(_ARGTYPES, source, needs_vec_isa=True)
 
 
 _LIB = torch.library.Library("rs", "FRAGMENT")
@@ -62,15 +67,13 @@ _LIB.define("gemv_w4a8(Tensor x, Tensor codes, Tensor scales, Tensor curv, Tenso
 
 
 def gemv_w4a8_out(x, codes, scales, curv, bias, group_size, in_features, curv_step, *, out):
-    """``rs::gemv_w4a8`` into ``out`` (float32, ``[*x.shape[:-1], N]``). The compiled graph's call:
-    its inputs are contiguous and :func:`supports` held when the graph was built."""
-    x2 = x.view(-1, in_features)
+    """``rs::gemv_w4a8`` into ``out`` (float32, ``[*x.shape[:-1], N]``). The compiled graph's call,
+    kept to the kernel call: its inputs are contiguous, the bias (if any) float32, and
+    :func:`supports` held when the graph was built."""
     n, ng = scales.shape
-    status = torch.empty(1, dtype=torch.int64)
-    b = out if bias is None else bias.to(torch.float32)
-    _kernel()(x2, codes, scales, curv, b, out, status, x2.shape[0], n, ng, group_size,
-              in_features, int(curv_step), int(bias is not None))
-    if status.item():
+    if _kernel()(x, codes, scales, curv, out if bias is None else bias, out,
+                 x.numel() // in_features, n, ng, group_size, in_features, int(curv_step),
+                 bias is not None):
         warnings.warn(f"rs::gemv_w4a8: a curvature index times curv_step exceeds "
                       f"{MAX_LEVEL_CURVATURE}; computing this layer with the reference instead "
                       "(slower). Encode with fewer curvatures to use the kernel.", stacklevel=2)
@@ -88,7 +91,7 @@ def _gemv_w4a8(x, codes, scales, curv, bias, group_size, in_features, curv_step)
             f"group_size={group_size}, curv_step={curv_step}")
     out = torch.empty((*x.shape[:-1], scales.shape[0]), dtype=torch.float32)
     x, codes, scales, curv = (t.contiguous() for t in (x, codes, scales, curv))
-    bias = None if bias is None else bias.contiguous()
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
     return gemv_w4a8_out(x, codes, scales, curv, bias, group_size, in_features, curv_step, out=out)
 
 
@@ -121,6 +124,8 @@ def install() -> None:
         size = [*x.get_size()[:-1], codes.get_size()[0]]
         layout = ir.FixedLayout(x.get_device(), torch.float32, size,
                                 ir.FlexibleLayout.contiguous_strides(size))
+        if bias is not None:
+            bias = lowering.to_dtype(bias, torch.float32)
         tensors = [ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(t))
                    for t in (x, codes, scales, curv, bias) if t is not None]  # what the call assumes
         # constant arguments follow the tensors: a missing bias is passed as None in its place

@@ -86,13 +86,24 @@ def test_rounding_keeps_zeros_and_nans_so_the_layer_output_is_nan():
 @pytest.mark.parametrize("n,k,group_size,rows,bias", [
     (300, 200, 64, 1, True),     # in_features padded to 256
     (64, 768, 64, 3, False),
-    (257, 384, 128, 2, True),    # two 32-byte chunks per group
+    (257, 384, 128, 2, True),    # two 32-byte chunks per group, an odd number of groups
+    (40, 400, 192, 1, True),     # group size without an unrolled loop, padded to 576
 ])
 def test_kernel_matches_float64(n, k, group_size, rows, bias):
     layer = layer_for(n, k, group_size, bias=bias)
     x = torch.randn(rows, k) * 2
     out = torch.ops.rs.gemv_w4a8(x, layer.codes, layer.scales, layer.curv, layer.bias,
                                  group_size, k, layer.curv_step)
+    check_close(out, layer, x)
+
+
+@needs_kernel
+def test_kernel_takes_a_half_precision_bias():
+    layer = layer_for(32, 128)
+    x = torch.randn(1, 128)
+    out = torch.ops.rs.gemv_w4a8(x, layer.codes, layer.scales, layer.curv, layer.bias.half(), 64,
+                                 128, layer.curv_step)
+    layer.bias.data = layer.bias.half().float()
     check_close(out, layer, x)
 
 
