@@ -3,7 +3,7 @@
 Each row of ``x`` is split into the weight's groups along ``in_features`` and every group is
 rounded to ``round(x / s) * s`` with ``s = max|x| / 127`` (symmetric, one float32 scale per row and
 group, computed per call). The integer dot products of the CPU kernel
-(``rs_compile/lowering/gemv_w4a8.cpp``) are then exact, and its result differs from this rounding
+(``rs_compile/lowering/gemv_w4.cpp``) are then exact, and its result differs from this rounding
 followed by a float matmul only in the order of float additions. A group holding a NaN or inf
 gives NaN, as the matmul would.
 """

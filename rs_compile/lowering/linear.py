@@ -4,9 +4,10 @@
   one vectorised C++ reduction that streams each code byte once and never stores a dense weight.
 * Many rows (prefill): decode once into a dense buffer, then a BLAS GEMM, whose cost the GEMM
   dominates and which amortises the decode over the rows.
-* ``act_bits=8``: the activations are rounded first (same expressions as the reference); at few
-  rows a 4-bit weight goes to the hand-written integer kernel ``rs::gemv_w4a8`` instead, which is
-  ~1.7x the float GEMV (rs_compile.lowering.gemv_w4a8).
+* 4-bit codes at few rows with float32 activations go to the hand-written kernel ``rs::gemv_w4``
+  instead (rs_compile.lowering.gemv_w4): integer levels looked up in registers, ~2x this GEMV
+  with float activations and ~3x with ``act_bits=8`` (int16 multiply-adds).
+* ``act_bits=8`` elsewhere: the activations are rounded first (same expressions as the reference).
 
 The threshold is a guard on the symbolic row count: a dynamic prefill graph and the static
 one-row decode graph each compile once.
@@ -39,7 +40,7 @@ import torch
 
 from rs_compile.codec.activations import quantize_activations
 from rs_compile.codec.format import PLANES, group_bytes, unit_params
-from rs_compile.lowering import gemv_w4a8
+from rs_compile.lowering import gemv_w4
 from rs_compile.lowering.registry import register
 from rs_compile.ops.linear import poincare_linear  # noqa: F401  (defines torch.ops.rs.poincare_linear)
 
@@ -102,10 +103,10 @@ def poincare_linear_decomposition(
     n, ng = scales.shape
     kp = ng * group_size
     x2 = x.reshape(-1, in_features)
+    if x2.shape[0] <= GEMV_MAX_ROWS and gemv_w4.supports(x, bits, group_size, curv_step, act_bits):
+        return torch.ops.rs.gemv_w4(x, codes, scales, curv, bias, group_size, in_features,
+                                    curv_step, act_bits)
     if act_bits:
-        if x2.shape[0] <= GEMV_MAX_ROWS and gemv_w4a8.supports(x, bits, group_size, curv_step):
-            return torch.ops.rs.gemv_w4a8(x, codes, scales, curv, bias, group_size, in_features,
-                                          curv_step)
         x2 = quantize_activations(x2, group_size)
     if kp != in_features:  # zero columns meet the padding codes; cat keeps masks out of the loop
         x2 = torch.cat([x2, x2.new_zeros(x2.shape[0], kp - in_features)], dim=1)
@@ -158,7 +159,7 @@ def install() -> None:
     from torch._inductor.codegen.cpp import CppVecKernel
 
     register(torch.ops.rs.poincare_linear.default, poincare_linear_decomposition)
-    gemv_w4a8.install()
+    gemv_w4.install()
     current = CppVecKernel._get_vec_load_line
     if not getattr(current, "rs_fast_byte_loads", False):
         CppVecKernel._get_vec_load_line = _fast_byte_loads(current)
