@@ -1,5 +1,6 @@
 // GEMV for rs::poincare_linear with 4-bit codes, group_size % 64 == 0 and an integer curv_step
-// (AVX2), for float32 activations (act_bits=0) or int8-rounded ones (act_bits=8).
+// (AVX2 and F16C, which every AVX2 CPU has), for float32 activations (act_bits=0) or int8-rounded
+// ones (act_bits=8).
 //
 // The format decodes code q of a group with scale s and curvature index c to
 //   w = s u (1 + c' u^2 / 3),  u = d / 7,  d = q - 7,  c' = c * curv_step
@@ -30,18 +31,6 @@ inline int omp_get_max_threads() { return 1; }
 #endif
 
 namespace {
-
-inline float half_to_float(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#else
-  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
-  float v = exp == 0 ? std::ldexp(static_cast<float>(man), -24)
-          : exp == 31 ? (man ? NAN : INFINITY)
-                      : std::ldexp(static_cast<float>(man | 0x400u), static_cast<int>(exp) - 25);
-  return sign ? -v : v;
-#endif
-}
 
 inline float hsum(__m256 v) {
   __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -229,7 +218,7 @@ void rows(const Activations<T>& act, const uint8_t* codes, const uint16_t* scale
       _mm256_storeu_ps(&coef[g], _mm256_mul_ps(
           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g))),
           _mm256_set1_ps(1.0f / 1029.0f)));
-    for (; g < ng; ++g) coef[g] = half_to_float(sc[g]) * (1.0f / 1029.0f);
+    for (; g < ng; ++g) coef[g] = _cvtsh_ss(sc[g]) * (1.0f / 1029.0f);
     uint8_t cmax = 0;
     for (g = 0; g < ng; ++g) cmax = std::max(cmax, cv[g]);
     if (cmax >= static_cast<int64_t>(levels.size())) {
