@@ -49,6 +49,18 @@ def num_groups(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size)
 
 
+def packed_specs(
+    bits: int, group_size: int, out_features: int, in_features: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of the tensors one ``[out_features, in_features]`` weight is stored
+    as (the layout above). CompressedLinear's buffers, save/load and the op's input checks all take
+    the packed tensors' names, shapes and dtypes from here."""
+    ng = num_groups(in_features, group_size)
+    return {"codes": ((out_features, ng * group_bytes(bits, group_size)), torch.uint8),
+            "scales": ((out_features, ng), torch.float16),
+            "curv": ((out_features, ng), torch.uint8)}
+
+
 def check_format(bits: int, group_size: int) -> None:
     """Raise ValueError for a (bits, group_size) pair the layout cannot hold."""
     if bits not in SUPPORTED_BITS:

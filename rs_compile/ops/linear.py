@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from rs_compile.codec.activations import ACT_BITS, quantize_activations
-from rs_compile.codec.format import decode_weight, group_bytes
+from rs_compile.codec.format import decode_weight, packed_specs
 
 
 def check_inputs(x, codes, scales, curv, bias, bits, group_size, in_features, act_bits=0) -> None:
@@ -27,20 +27,19 @@ def check_inputs(x, codes, scales, curv, bias, bits, group_size, in_features, ac
         raise ValueError(
             f"rs::poincare_linear: x has {x.shape[-1]} features but the layer expects {in_features}"
         )
-    if codes.dtype != torch.uint8 or curv.dtype != torch.uint8 or scales.dtype != torch.float16:
-        raise TypeError(
-            "rs::poincare_linear: expected codes uint8, scales float16, curv uint8; got "
-            f"{codes.dtype}, {scales.dtype}, {curv.dtype}"
-        )
-    n, ng = scales.shape
-    if tuple(codes.shape) != (n, ng * group_bytes(bits, group_size)) or tuple(curv.shape) != (n, ng):
+    n = codes.shape[0]
+    specs = packed_specs(bits, group_size, n, in_features)
+    packed = dict(zip(specs, (codes, scales, curv)))
+    if any(t.dtype != specs[k][1] for k, t in packed.items()):
+        raise TypeError("rs::poincare_linear: expected " + ", ".join(
+            f"{k} {dtype}" for k, (_, dtype) in specs.items()) + "; got " + ", ".join(
+            f"{k} {t.dtype}" for k, t in packed.items()))
+    if any(tuple(t.shape) != specs[k][0] for k, t in packed.items()):
         raise ValueError(
-            f"rs::poincare_linear: inconsistent packed shapes codes={tuple(codes.shape)} "
-            f"scales={tuple(scales.shape)} curv={tuple(curv.shape)} for bits={bits}, "
-            f"group_size={group_size}"
+            f"rs::poincare_linear: bits={bits}, group_size={group_size}, in_features={in_features} "
+            "store " + ", ".join(f"{k} {list(shape)}" for k, (shape, _) in specs.items()) + "; got "
+            + ", ".join(f"{k} {list(t.shape)}" for k, t in packed.items())
         )
-    if ng * group_size < in_features:
-        raise ValueError(f"rs::poincare_linear: {ng} groups of {group_size} cannot hold {in_features}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"rs::poincare_linear: bias shape {tuple(bias.shape)} != ({n},)")
 

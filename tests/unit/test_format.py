@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from rs_compile.codec.format import PLANES, check_format, pack_codes, unpack_codes
+from rs_compile.codec.encode import encode
+from rs_compile.codec.format import (
+    PLANES,
+    SUPPORTED_BITS,
+    check_format,
+    pack_codes,
+    packed_specs,
+    unpack_codes,
+)
+from rs_compile.modules import CompressedLinear
 
 
 def reference_pack(q: list[list[int]], bits: int, group_size: int) -> list[list[int]]:
@@ -51,3 +60,11 @@ def test_four_bit_layout_is_planar_nibbles():
 def test_invalid_formats_are_rejected_with_the_valid_range(bits, group_size):
     with pytest.raises(ValueError, match="bits|group_size"):
         check_format(bits, group_size)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("group_size,in_features", [(8, 8), (32, 100), (64, 64)])
+def test_packed_specs_are_what_a_compressed_layer_holds(bits, group_size, in_features):
+    layer = CompressedLinear(encode(torch.randn(5, in_features), bits, group_size))
+    held = {name: (tuple(t.shape), t.dtype) for name, t in layer.named_buffers()}
+    assert packed_specs(bits, group_size, 5, in_features) == held

@@ -63,6 +63,17 @@ def test_opcheck():
         )
 
 
+def test_packed_tensors_must_be_exactly_what_the_format_stores():
+    enc, b = _layer()  # 100 inputs in groups of 32: 4 groups
+    one_more_group = [torch.cat([t, t[:, : t.shape[1] // 4]], dim=1) for t in enc.tensors()]
+    with pytest.raises(ValueError, match=r"store codes \[48, 64\], scales \[48, 4\], curv \[48, 4\]; "
+                                         r"got codes \[48, 80\], scales \[48, 5\], curv \[48, 5\]"):
+        poincare_linear(torch.randn(2, 100), *one_more_group, b, 4, 32, 100, 1.0)
+    codes, scales, curv = enc.tensors()
+    with pytest.raises(TypeError, match="scales torch.float16.*got .*scales torch.float32"):
+        poincare_linear(torch.randn(2, 100), codes, scales.float(), curv, b, 4, 32, 100, 1.0)
+
+
 def test_bad_inputs_raise_clear_errors():
     enc, b = _layer()
     with pytest.raises(ValueError, match="x has 99 features but the layer expects 100"):
