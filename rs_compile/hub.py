@@ -19,7 +19,6 @@ from urllib.parse import urlparse
 import torch
 import transformers
 from huggingface_hub import constants as hub_constants
-from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -145,11 +144,11 @@ def _compressed(path: Path) -> Loaded:
     cls = model_class(config)
     kwargs = {}
     if "add_pooling_layer" in inspect.signature(cls.__init__).parameters:  # BERT-like encoders
-        with safe_open(path / serialization.TENSORS_FILE, "pt") as f:
-            kwargs["add_pooling_layer"] = any(k.startswith("pooler.") for k in f.keys())  # noqa: SIM118 (not iterable)
+        saved = serialization.read_meta(path)["tensors"]
+        kwargs["add_pooling_layer"] = any(k.startswith("pooler.") for k in saved)
     with torch.device("meta"):
         model = cls._from_config(config, **kwargs)
-    return serialization.load(model, path).eval(), _tokenizer(str(path), True)
+    return serialization.load(model, path), _tokenizer(str(path), True)
 
 
 def load_model(name_or_path: str | os.PathLike) -> Loaded:

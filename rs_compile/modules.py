@@ -40,6 +40,15 @@ class CompressedLinear(nn.Module):
         return decode_weight(self.codes, self.scales, self.curv, self.bits, self.group_size,
                              self.in_features, self.curv_step)
 
+    @classmethod
+    def from_meta(cls, meta: dict, packed: dict[str, torch.Tensor],
+                  bias: torch.Tensor | None) -> CompressedLinear:
+        """The layer :meth:`meta` and the packed buffers (named as in
+        rs_compile.codec.format.packed_specs) describe: what load rebuilds a saved layer from."""
+        enc = EncodedWeight(**packed, bits=meta["bits"], group_size=meta["group_size"],
+                            in_features=meta["in_features"], curv_step=meta["curv_step"])
+        return cls(enc, bias, meta["act_bits"])
+
     def meta(self) -> dict:
         return dict(bits=self.bits, group_size=self.group_size, in_features=self.in_features,
                     out_features=self.out_features, curv_step=self.curv_step,

@@ -3,34 +3,45 @@
 A folder holds two files:
 
 * ``rs_compile.safetensors``: every tensor of the model, once: the packed buffers of each
-  CompressedLinear (``<module>.codes/.scales/.curv/.bias``) and every remaining parameter and
-  buffer (non-persistent buffers too, so a meta-device model comes back complete);
+  CompressedLinear (``<module>.<name>`` for each name of rs_compile.codec.format.packed_specs, and
+  ``<module>.bias``) and every remaining parameter and buffer (non-persistent buffers too, so a
+  meta-device model comes back complete);
 * ``rs_compile.json``: ``{"format", "version", "modules": {name: CompressedLinear.meta()},
-  "aliases": {name: name it shares its tensor with}}``.
+  "aliases": {name: name it shares its tensor with}, "tensors": {name: {"dtype", "shape",
+  "sha256"}}, "sha256"}``; the last is the sha256 of the rest of the JSON.
 
-The codes cannot be rebuilt from the safetensors alone (bits, group size and curvature step are
-module attributes, not tensors), which is why the module map exists.
+The codes cannot be rebuilt from the safetensors alone (bits, group size and the other module
+attributes are not tensors), which is why the module map exists. The checksums exist because
+neither file can tell on its own that it was damaged: a flipped payload byte loads as NaN weights,
+an edited module field as a layer computing something else. :func:`load` checks every recorded
+tensor, the metadata and the model before it changes the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rs_compile.codec.encode import EncodedWeight
+from rs_compile.codec.format import packed_specs
+from rs_compile.config import CompressionConfig
 from rs_compile.convert import linear_weight
 from rs_compile.modules import CompressedLinear
 
 FORMAT = "rs_compile"
-VERSION = 1
+VERSION = 2  # 2: per-tensor and metadata checksums
 TENSORS_FILE = "rs_compile.safetensors"
 META_FILE = "rs_compile.json"
-PACKED = ("codes", "scales", "curv")
+RESAVE = ("convert the original model with this rs_compile and save it again (rs_compile.save, "
+          "rs_compile.hub.save_model or `rs-compile convert`)")
 
 
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -39,13 +50,67 @@ def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
             *model.named_buffers(remove_duplicate=False)]
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _sha256(t: torch.Tensor) -> str:
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy()).hexdigest()
+
+
+def _record(t: torch.Tensor) -> dict:
+    return {"dtype": _dtype_name(t.dtype), "shape": list(t.shape), "sha256": _sha256(t)}
+
+
+def _meta_sha256(meta: Mapping) -> str:
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_layer(where: str, name: str, m: Mapping, tensors: Mapping[str, torch.Tensor]) -> None:
+    """ValueError unless layer ``name``'s metadata ``m`` is valid and its tensors are exactly the
+    ones the format stores for it: the checks the op would otherwise make at the first forward."""
+    if not isinstance(m, Mapping):
+        raise ValueError(f"{where}: the entry of compressed layer {name!r} is not an object")
+    sizes = {k: m.get(k) for k in ("out_features", "in_features")}
+    if not all(type(v) is int and v > 0 for v in sizes.values()) or type(m.get("bias")) is not bool:
+        raise ValueError(f"{where}: compressed layer {name!r} has invalid {sizes} or "
+                         f"bias={m.get('bias')!r} (positive ints and a bool expected)")
+    options = {f.name for f in dataclasses.fields(CompressionConfig)}
+    try:  # bits, group_size, act_bits, ...: the one validation every option goes through
+        CompressionConfig.from_options(None, {k: v for k, v in m.items() if k in options})
+    except ValueError as err:
+        raise ValueError(f"{where}: compressed layer {name!r}: {err}") from None
+    fmt = (f"{m['bits']}-bit codes in groups of {m['group_size']}, [out, in] = "
+           f"[{m['out_features']}, {m['in_features']}]")
+    specs = packed_specs(m["bits"], m["group_size"], m["out_features"], m["in_features"])
+    if m["bias"]:
+        specs["bias"] = ((m["out_features"],), None)
+    for key, (shape, dtype) in specs.items():
+        t = tensors.get(f"{name}.{key}")
+        if t is None:
+            raise ValueError(f"{where}: tensor {name}.{key} of compressed layer {name!r} is missing")
+        if tuple(t.shape) != shape or (t.dtype != dtype if dtype else not t.is_floating_point()):
+            raise ValueError(
+                f"{where}: tensor {name}.{key} is {_dtype_name(t.dtype)} {list(t.shape)}, but layer "
+                f"{name!r} ({fmt}) stores {_dtype_name(dtype) if dtype else 'floating point'} "
+                f"{list(shape)}"
+            )
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` (converted or not) to the folder ``path``; returns the folder."""
+    """Write ``model`` (converted or not) to the folder ``path``; returns the folder.
+
+    Refuses a model whose compressed layers no longer hold what the format stores (e.g. scales
+    cast by ``model.to(dtype)``), so that a file that saves also loads.
+    """
     path = Path(path)
+    named = dict(_named_tensors(model))
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_name: dict[int, str] = {}
-    for name, t in _named_tensors(model):
+    for name, t in named.items():
         if t.device.type == "meta":
             raise ValueError(f"tensor {name!r} is on the meta device; load real weights before saving")
         if id(t) in first_name:
@@ -54,52 +119,100 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             first_name[id(t)] = name
             tensors[name] = t.detach().contiguous()
     modules = {n: m.meta() for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    for name, m in modules.items():
+        _check_layer(f"cannot save to {path}", name, m, named)
+    meta = {"format": FORMAT, "version": VERSION, "modules": modules, "aliases": aliases,
+            "tensors": {n: _record(t) for n, t in tensors.items()}}
+    meta["sha256"] = _meta_sha256(meta)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path / TENSORS_FILE, metadata={"format": "pt"})
-    meta = {"format": FORMAT, "version": VERSION, "modules": modules, "aliases": aliases}
     (path / META_FILE).write_text(json.dumps(meta, indent=1))
     return path
 
 
-def _read_meta(path: Path) -> dict:
+def read_meta(path: str | os.PathLike) -> dict:
+    """The checked contents of ``path/rs_compile.json``: format, version and checksum verified."""
+    path = Path(path)
     files = [path / META_FILE, path / TENSORS_FILE]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(
             f"{path} is not an rs_compile folder: {missing} missing; write one with rs_compile.save"
         )
-    meta = json.loads(files[0].read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    file = files[0]
+    try:
+        meta = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}): the file is damaged; {RESAVE}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{file} is not rs_compile metadata (no \"format\": {FORMAT!r})")
+    if meta.get("version") != VERSION:
         raise ValueError(
-            f"{files[0]} has format={meta.get('format')!r} version={meta.get('version')!r}; this "
-            f"rs_compile reads format={FORMAT!r} version={VERSION}: re-save with this version"
+            f"{file} has format version {meta.get('version')!r}; this rs_compile reads version "
+            f"{VERSION} only (version 2 added checksums). To re-save: {RESAVE}"
+        )
+    if not all(isinstance(meta.get(k), dict) for k in ("modules", "aliases", "tensors")):
+        raise ValueError(f"{file} lacks its \"modules\", \"aliases\" or \"tensors\" map; {RESAVE}")
+    if meta.get("sha256") != _meta_sha256(meta):
+        raise ValueError(
+            f"{file}: the metadata does not match the checksum recorded when it was saved (edited or "
+            f"damaged after saving); restore the original file, or {RESAVE}"
         )
     return meta
 
 
-def _compressed_module(name: str, module: nn.Module | None, m: dict, tensors: dict) -> CompressedLinear:
-    """Build the CompressedLinear for ``name`` after checking the model's layer matches the file."""
+def _read_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """The file's tensors, each checked against the dtype, shape and sha256 the metadata records."""
+    file = path / TENSORS_FILE
+    try:
+        tensors = load_file(file)
+    except SafetensorError as err:
+        raise ValueError(f"{file} is not a readable safetensors file ({err}): it is damaged; "
+                         f"restore it, or {RESAVE}") from None
+    records: dict[str, dict] = meta["tensors"]
+    if tensors.keys() != records.keys():
+        extra, absent = sorted(tensors.keys() - records.keys()), sorted(records.keys() - tensors.keys())
+        raise ValueError(f"{file} does not hold the tensors {META_FILE} lists: tensors not listed "
+                         f"{extra[:8]}, listed but absent {absent[:8]}; the two files come from "
+                         f"different saves")
+    for name, t in tensors.items():
+        rec = records[name] if isinstance(records[name], dict) else {}
+        if [_dtype_name(t.dtype), list(t.shape)] != [rec.get("dtype"), rec.get("shape")]:
+            raise ValueError(f"{file}: tensor {name!r} is {_dtype_name(t.dtype)} {list(t.shape)} but "
+                             f"was saved as {rec.get('dtype')} {rec.get('shape')}; the file is damaged")
+        if _sha256(t) != rec.get("sha256"):
+            raise ValueError(f"{file}: tensor {name!r} does not match the checksum recorded when it was "
+                             f"saved (damaged or modified after saving); restore it, or {RESAVE}")
+    return tensors
+
+
+def _compressed_module(file: Path, name: str, module: nn.Module | None, m: dict,
+                       tensors: dict[str, torch.Tensor]) -> CompressedLinear:
+    """The CompressedLinear for ``name``, after checking the file's layer and the model's."""
+    _check_layer(str(file), name, m, tensors)
     lw = None if module is None else linear_weight(module)
     if lw is None:
         found = "no such module" if module is None else f"a {type(module).__name__}"
         raise ValueError(
-            f"the file compresses layer {name!r} but the model has {found} there (expected "
+            f"{file} compresses layer {name!r} but the model has {found} there (expected "
             "nn.Linear or Conv1D): load into a freshly built, unconverted model of the same architecture"
         )
     shape = (m["out_features"], m["in_features"])
     if tuple(lw[0].shape) != shape:
         raise ValueError(
-            f"layer {name!r}: the model's weight is [out, in] = {list(lw[0].shape)} but the file "
+            f"{file}: layer {name!r}: the model's weight is [out, in] = {list(lw[0].shape)} but the file "
             f"holds {list(shape)}: the model config differs from the one saved"
         )
-    keys = [f"{name}.{k}" for k in PACKED] + ([f"{name}.bias"] if m["bias"] else [])
-    absent = [k for k in keys if k not in tensors]
-    if absent:
-        raise ValueError(f"the file lacks {absent} for compressed layer {name!r}; it is truncated")
-    codes, scales, curv = (tensors.pop(k) for k in keys[:3])
-    enc = EncodedWeight(codes, scales, curv, m["bits"], m["group_size"], m["in_features"],
-                        m["curv_step"])
-    return CompressedLinear(enc, tensors.pop(keys[3]) if m["bias"] else None, m.get("act_bits", 0))
+    packed = {k: tensors[f"{name}.{k}"] for k in packed_specs(m["bits"], m["group_size"], *shape)}
+    bias = tensors[f"{name}.bias"] if m["bias"] else None
+    try:
+        layer = CompressedLinear.from_meta(m, packed, bias)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{file}: compressed layer {name!r} has incomplete metadata ({err!r})") from None
+    if layer.meta() != m:
+        raise ValueError(f"{file}: compressed layer {name!r} has metadata {m}, which this rs_compile "
+                         f"does not write (it writes {layer.meta()})")
+    return layer
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -112,30 +225,42 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a folder written by :func:`save` into ``model`` in place and return it.
+    """Load a folder written by :func:`save` into ``model`` in place and return it in eval mode.
 
     ``model`` is a freshly built uncompressed instance of the saved architecture, possibly built
     under ``torch.device("meta")``: the listed layers become CompressedLinear and every other
     tensor is replaced by the file's (assigned, not copied, so no fp32 copy of a compressed
-    weight ever exists). Every check runs before the model is touched, so a mismatched model
-    raises ValueError and stays as it was.
+    weight ever exists). The model is put in eval mode, as ``from_pretrained`` does, so outputs
+    match the saved model's at once (a fresh model is in training mode: dropout on).
+
+    Every check runs before the model is touched: a damaged file (checksums of every tensor and of
+    the metadata), invalid metadata or a mismatched model raises ValueError naming the file and
+    the tensor or layer, and the model stays as it was.
     """
     path = Path(path)
-    meta = _read_meta(path)
-    tensors = load_file(path / TENSORS_FILE)
+    meta = read_meta(path)
+    tensors = _read_tensors(path, meta)
+    file = path / META_FILE
     modules = dict(model.named_modules())
-    new = {n: _compressed_module(n, modules.get(n), m, tensors) for n, m in meta["modules"].items()}
+    new = {n: _compressed_module(file, n, modules.get(n), m, tensors)
+           for n, m in meta["modules"].items()}
+    held = {f"{n}.{key}" for n, layer in new.items() for key, _ in layer.named_buffers()}
+    for name in held:
+        del tensors[name]
     aliases: dict[str, str] = meta["aliases"]
 
     expected = {n: t for n, t in _named_tensors(model)
                 if not any(n.startswith(f"{c}.") for c in new)}
     missing = sorted(set(expected) - set(tensors) - set(aliases))
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted((set(tensors) | set(aliases)) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"model and {path} disagree: tensors missing from the file {missing[:8]}, tensors "
             f"the model lacks {unexpected[:8]}: build the model from the config it was saved with"
         )
+    dangling = sorted(n for n, target in aliases.items() if target not in tensors.keys() | held)
+    if dangling:
+        raise ValueError(f"{file}: tied tensors {dangling[:8]} name tensors the file does not hold")
     wrong = [f"{n}: model {list(expected[n].shape)} vs file {list(t.shape)}"
              for n, t in tensors.items() if expected[n].shape != t.shape]
     if wrong:
@@ -148,4 +273,5 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for name, target in aliases.items():
         owner, _, leaf = target.rpartition(".")
         _assign(model, name, getattr(model.get_submodule(owner), leaf))
-    return model
+    return model.eval()
+
