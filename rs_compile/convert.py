@@ -58,7 +58,8 @@ def convert(
 
     Every new module is built before any is swapped in, so an error part-way (a NaN weight,
     a bad option) leaves the model exactly as it was. The report of what was converted and
-    what was skipped (with reasons) is attached as ``model.rs_report``.
+    what was skipped (with reasons) is attached as ``model.rs_report``. A converted transformers
+    model's ``save_pretrained`` warns: it cannot store compressed layers (use rs_compile.hub.save_model).
     """
     config = CompressionConfig.from_options(config, overrides)
     if isinstance(model, CompressedLinear):
@@ -109,6 +110,10 @@ def convert(
             dense_bytes=weight.numel() * weight.element_size(), compressed_bytes=enc.nbytes()))
     for name, module in new.items():
         model.set_submodule(name, module)
+    if new:
+        from rs_compile.serialization import warn_on_save_pretrained  # it imports this module
+
+        warn_on_save_pretrained(model)
     model.rs_report = report
     return model
 

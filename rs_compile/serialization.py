@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -42,6 +43,12 @@ TENSORS_FILE = "rs_compile.safetensors"
 META_FILE = "rs_compile.json"
 RESAVE = ("convert the original model with this rs_compile and save it again (rs_compile.save, "
           "rs_compile.hub.save_model or `rs-compile convert`)")
+SAVE_PRETRAINED_WARNING = (
+    "save_pretrained cannot store rs_compile's compressed layers: from_pretrained would rebuild "
+    "dense layers with random weights, a model that loads without error and outputs garbage. Save "
+    "with rs_compile.hub.save_model(model, path, tokenizer) (or rs_compile.save(model, path)) and "
+    "load with rs_compile.hub.load_model(path)."
+)
 
 
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -273,5 +280,27 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for name, target in aliases.items():
         owner, _, leaf = target.rpartition(".")
         _assign(model, name, getattr(model.get_submodule(owner), leaf))
+    warn_on_save_pretrained(model)
     return model.eval()
 
+
+class _SavePretrainedWarning:
+    """``model.save_pretrained`` of a model holding CompressedLinear layers: warn, then save.
+
+    An attribute of the one model instance rather than a patch of transformers: other models are
+    untouched, and it pickles and deep-copies along with its model.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        warnings.warn(SAVE_PRETRAINED_WARNING, UserWarning, stacklevel=2)
+        return type(self.model).save_pretrained(self.model, *args, **kwargs)
+
+
+def warn_on_save_pretrained(model: nn.Module) -> None:
+    """Make transformers' ``save_pretrained`` of the converted ``model`` warn (see
+    :data:`SAVE_PRETRAINED_WARNING`); models without ``save_pretrained`` are left alone."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = _SavePretrainedWarning(model)
