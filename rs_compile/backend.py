@@ -15,12 +15,6 @@ import torch
 import torch.fx as fx
 
 from rs_compile.config import CompressionConfig
-from rs_compile.lowering import install_lowerings
-from rs_compile.lowering.cache import inductor_config_patches
-from rs_compile.passes.attention import rewrite_attention
-from rs_compile.passes.graph import GraphRewrite
-from rs_compile.passes.linear import compress_linears
-from rs_compile.passes.qkv import fuse_qkv_projections
 from rs_compile.report import Report, readable_graph
 
 log = logging.getLogger("rs_compile")
@@ -40,6 +34,14 @@ def compile_graph(
     appends them, so the codes live once in memory and Inductor treats them as ordinary inputs.
     """
     from torch._inductor.compile_fx import compile_fx
+
+    # Imported here, not at module level: `import rs_compile` must stay cheap (Inductor, sympy).
+    from rs_compile.lowering import install_lowerings
+    from rs_compile.lowering.cache import inductor_config_patches
+    from rs_compile.passes.attention import rewrite_attention
+    from rs_compile.passes.graph import GraphRewrite
+    from rs_compile.passes.linear import compress_linears
+    from rs_compile.passes.qkv import fuse_qkv_projections
 
     install_lowerings()
     rw = GraphRewrite(gm, example_inputs)

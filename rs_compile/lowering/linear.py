@@ -27,7 +27,8 @@ Why the GEMV is written the way it is (all measured on the AVX2 CPU this was tun
   GEMV). Low-precision activations therefore take that slower path; float32 is the fast one.
 * Inductor's AVX2 code loads a run of fewer than 32 bytes through a stack buffer (a memcpy, then
   a 32-byte load that stalls on store forwarding); :func:`install` makes 8- and 16-byte runs one
-  SSE load each (about 5x faster GEMV). Without it the lowering is correct, only slower.
+  SSE load each in graphs holding rs ops (about 5x faster GEMV). Without it the lowering is
+  correct, only slower.
 
 The loop is then ALU-bound (about 10 vector instructions per 8 weights: unpack, convert, decode,
 multiply-add), within ~10% of hand-written AVX2 kernels of the same decode (also a register
@@ -35,6 +36,8 @@ table lookup with ``vpermps``), and far from the memory bandwidth.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -135,15 +138,30 @@ _AVX2_BYTE_LOADS = {
 }
 
 
+_RS_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # GraphLowering -> bool
+
+
+def holds_rs_ops(graph) -> bool:
+    """Whether Inductor's ``graph`` (a GraphLowering) compiles rs ops: nodes of a decomposed op
+    keep it as ``meta["original_aten"]``, ops Inductor lowers directly are the node target."""
+    if graph not in _RS_GRAPHS:
+        ops = (n.meta.get("original_aten") or n.target for n in graph.graph.nodes)
+        _RS_GRAPHS[graph] = any(getattr(op, "namespace", None) == "rs" for op in ops)
+    return _RS_GRAPHS[graph]
+
+
 def _fast_byte_loads(get_vec_load_line):
     """Wrap ``CppVecKernel._get_vec_load_line``: on AVX2 a contiguous run of 8 or 16 bytes loads
-    with one SSE load; the lanes above are set to 1, as the original's stack buffer does."""
+    with one SSE load; the lanes above are set to 1, as the original's stack buffer does. Only
+    in graphs holding rs ops: every other kernel keeps Inductor's own code."""
     from torch._inductor.codegen.cpp import DTYPE_TO_CPP, cexpr_index
     from torch._inductor.cpu_vec_isa import VecAVX2
+    from torch._inductor.virtualized import V
 
     def load_line(self, var, index, dtype, load_mask=None):
         if (dtype in (torch.uint8, torch.int8) and load_mask is None
-                and self.num_elems in _AVX2_BYTE_LOADS and type(self.vec_isa) is VecAVX2):
+                and self.num_elems in _AVX2_BYTE_LOADS and type(self.vec_isa) is VecAVX2
+                and holds_rs_ops(V.graph)):
             load, ones = _AVX2_BYTE_LOADS[self.num_elems]
             ptr = f"{var} + {cexpr_index(index)}" if index != 0 else var
             raw = f"_mm256_zextsi128_si256({load}(reinterpret_cast<const __m128i*>({ptr})))"

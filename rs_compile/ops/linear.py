@@ -67,6 +67,9 @@ def poincare_linear(
 
 @poincare_linear.register_fake
 def _(x, codes, scales, curv, bias, bits, group_size, in_features, curv_step, act_bits=0):
+    from rs_compile.lowering import install_lowerings  # imports this module
+
+    install_lowerings()  # a graph holding the op is being traced: Inductor may compile it next
     check_inputs(x, codes, scales, curv, bias, bits, group_size, in_features, act_bits)
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 

@@ -1,17 +1,22 @@
 """What Inductor makes of the rewritten graph: fused code, cache behaviour, golden graphs."""
 
+import copy
 import uuid
 from unittest import mock
 
 import expecttest
+import pytest
 import torch
 from _codegen import buffer_sizes  # tests/_codegen.py
 from torch import nn
 from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.utils import run_and_get_code
 
 import rs_compile
+from rs_compile.generation import compile_for_generation
 from rs_compile.lowering.cache import SourceKeyedPass
+from rs_compile.models import configs
 
 N, K = 384, 256
 
@@ -29,29 +34,85 @@ def test_small_batch_code_never_holds_a_dense_weight():
     assert "at::vec" in code  # the fused decode + reduction is vectorised
 
 
-def _compile_once(model, x):
+def _compile_once(model, x, backend="realitystone"):
     torch._dynamo.reset()
     with torch.no_grad():
-        return torch.compile(model, backend="realitystone")(x)
+        return torch.compile(model, backend=backend)(x)
 
 
-def test_second_compile_hits_the_cache_and_a_source_change_misses_it():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)).eval()
-    x = torch.randn(3, 64)
+def assert_keyed_on_the_sources(compile_and_run):
+    """``compile_and_run()`` compiles afresh: a second call is served by the FX graph cache, a call
+    with edited rs_compile sources is not (neither by the AOT autograd cache); outputs agree."""
     with torch._inductor.config.patch(fx_graph_cache=True):
-        first = _compile_once(model, x)
+        first = compile_and_run()
         counters.clear()
-        second = _compile_once(model, x)
-        assert counters["inductor"]["fxgraph_cache_hit"] == 1
+        second = compile_and_run()
+        assert counters["inductor"]["fxgraph_cache_hit"] >= 1
         assert counters["inductor"]["fxgraph_cache_miss"] == 0
         counters.clear()
         edited = f"edited-sources-{uuid.uuid4()}"  # never seen by the on-disk cache before
         with mock.patch.object(SourceKeyedPass, "uuid", lambda self: edited):
-            third = _compile_once(model, x)
-        assert counters["inductor"]["fxgraph_cache_miss"] == 1
+            third = compile_and_run()
+        assert counters["inductor"]["fxgraph_cache_miss"] >= 1
+        assert counters["inductor"]["fxgraph_cache_hit"] == 0
+        assert counters["aot_autograd"]["autograd_cache_hit"] == 0
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first, third, rtol=0, atol=0)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16)).eval()
+
+
+@pytest.mark.parametrize("route", ["backend", "backend on converted", "inductor on converted"])
+def test_second_compile_hits_the_cache_and_a_source_change_misses_it(route):
+    model = rs_compile.convert(_mlp()) if route.endswith("converted") else _mlp()
+    backend = "inductor" if route.startswith("inductor") else "realitystone"
+    x = torch.randn(3, 64)
+    assert_keyed_on_the_sources(lambda: _compile_once(model, x, backend))
+
+
+def test_compile_for_generation_is_keyed_on_the_sources():
+    model = rs_compile.convert(configs.gpt2("tiny"))
+    prompt = torch.randint(0, 1024, (1, 6), generator=torch.Generator().manual_seed(0))
+
+    def generate():
+        torch._dynamo.reset()
+        compiled = compile_for_generation(copy.deepcopy(model))
+        with torch.inference_mode():
+            return compiled.generate(prompt, max_new_tokens=3, do_sample=False, output_logits=True,
+                                     return_dict_in_generate=True).logits[-1]
+
+    assert_keyed_on_the_sources(generate)
+
+
+class CountingPass(CustomGraphPass):
+    """A user's own post-grad pass."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, graph):
+        self.calls += 1
+
+    def uuid(self):
+        return "counting-pass"
+
+
+def test_the_users_post_grad_pass_runs_and_stays_in_the_cache_key(monkeypatch):
+    user = CountingPass()
+    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", user)
+    model, x = _mlp(), torch.randn(3, 64)
+    assert_keyed_on_the_sources(lambda: _compile_once(model, x))
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _compile_once(model, x)
+    assert user.calls >= 1
+    counters.clear()
+    with torch._inductor.config.patch(fx_graph_cache=True), \
+            mock.patch.object(CountingPass, "uuid", lambda self: f"edited-user-pass-{uuid.uuid4()}"):
+        _compile_once(model, x)
+    assert counters["inductor"]["fxgraph_cache_miss"] == 1
 
 
 class TwoLayer(nn.Module):

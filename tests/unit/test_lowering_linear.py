@@ -107,3 +107,25 @@ def test_many_rows_decode_once_then_gemm(layer):
     code = _code(layer, 64)
     assert N * K in buffer_sizes(code)  # the decoded weight
     assert re.search(r"extern_kernels\.(addmm|mm)\(", code)
+
+
+def _avx2_capable() -> bool:
+    with torch._inductor.config.patch({"cpp.simdlen": 256}):
+        return type(pick_vec_isa()) is VecAVX2
+
+
+@pytest.mark.skipif(not _avx2_capable(), reason="the byte-load codegen is AVX2-only")
+def test_single_load_of_code_bytes_only_in_graphs_holding_rs_ops(layer):
+    """The AVX2 SSE byte load is rs_compile's change to Inductor's codegen: it must not reach the
+    kernels of graphs without rs ops (8 uint8 lanes meet 8 float lanes in both graphs here)."""
+    def plain(q, y):
+        return (q.to(torch.float32) * y).sum(-1)
+
+    q = torch.randint(0, 255, (64, K), dtype=torch.uint8)
+    with torch._inductor.config.patch({"cpp.simdlen": 256, "fx_graph_cache": False}):
+        rs_code = _code(layer, 1)
+        torch._dynamo.reset()
+        _, codes = run_and_get_code(torch.compile(plain), q, torch.randn(64, K))
+    plain_code = "\n".join(codes)
+    assert "_mm_loadl_epi64" in rs_code
+    assert "Vectorized<uint8_t>::loadu(" in plain_code and "_mm_loadl_epi64" not in plain_code
