@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from rs_compile.progress import progress
+
 MODELS = ("kogpt2", "gpt2-tiny", "gpt2-small", "llama-tiny", "llama-small")
 CONFIGS = ("eager", "inductor", "torchao-int8", "torchao-int4", "torchao-intx4", "rs-4bit", "rs-8bit",
            "rs-4bit-a8")
@@ -69,22 +71,22 @@ def _torchao(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     return model
 
 
-def _rs(model: torch.nn.Module, bits: int, act_bits: int = 0) -> torch.nn.Module:
+def _rs(model: torch.nn.Module, args: argparse.Namespace, bits: int, act_bits: int = 0) -> torch.nn.Module:
     import rs_compile
 
-    return rs_compile.convert(model, bits=bits, compress_tied=True, act_bits=act_bits)
+    return rs_compile.convert(model, bits=bits, compress_tied=args.compress_tied, act_bits=act_bits)
 
 
 # config -> (weight transform, torch.compile backend or None for eager)
-PREPARE: dict[str, tuple[Callable[[torch.nn.Module], torch.nn.Module], str | None]] = {
-    "eager": (lambda m: m, None),
-    "inductor": (lambda m: m, "inductor"),
-    "torchao-int8": (lambda m: _torchao(m, "int8"), "inductor"),
-    "torchao-int4": (lambda m: _torchao(m, "int4"), "inductor"),
-    "torchao-intx4": (lambda m: _torchao(m, "intx4"), "inductor"),
-    "rs-4bit": (lambda m: _rs(m, 4), "realitystone"),
-    "rs-8bit": (lambda m: _rs(m, 8), "realitystone"),
-    "rs-4bit-a8": (lambda m: _rs(m, 4, act_bits=8), "realitystone"),
+PREPARE: dict[str, tuple[Callable[[torch.nn.Module, argparse.Namespace], torch.nn.Module], str | None]] = {
+    "eager": (lambda m, args: m, None),
+    "inductor": (lambda m, args: m, "inductor"),
+    "torchao-int8": (lambda m, args: _torchao(m, "int8"), "inductor"),
+    "torchao-int4": (lambda m, args: _torchao(m, "int4"), "inductor"),
+    "torchao-intx4": (lambda m, args: _torchao(m, "intx4"), "inductor"),
+    "rs-4bit": (lambda m, args: _rs(m, args, 4), "realitystone"),
+    "rs-8bit": (lambda m, args: _rs(m, args, 8), "realitystone"),
+    "rs-4bit-a8": (lambda m, args: _rs(m, args, 4, act_bits=8), "realitystone"),
 }
 
 
@@ -134,7 +136,7 @@ class Runner:
         from rs_compile.generation import compile_for_generation
 
         transform, backend = PREPARE[config]
-        self.model = transform(copy.deepcopy(base)).eval()
+        self.model = transform(copy.deepcopy(base), args).eval()
         self.weight_bytes = streamed_weight_bytes(self.model)
         if backend is not None:
             compile_for_generation(self.model, backend)
@@ -169,8 +171,9 @@ def run(args: argparse.Namespace) -> list[Result]:
     torch._dynamo.config.accumulated_recompile_limit = 1024
     base = build_model(args.model).eval()
     results, runners = [], {}
-    with torch.inference_mode():
+    with torch.inference_mode(), progress("bench: prepare", total=len(args.configs)) as bar:
         for config in args.configs:
+            bar.set_description(f"bench: convert, compile and warm up {config}")
             result = Result(config)
             results.append(result)
             try:
@@ -180,18 +183,21 @@ def run(args: argparse.Namespace) -> list[Result]:
                 steady = runner.generate(runner.new_tokens)[0] + runner.prefill()[0]
             except Exception as e:  # noqa: BLE001  (report the configuration as unavailable)
                 result.note = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                continue
-            result.compile_s = first - steady
-            result.weight_mb = runner.weight_bytes / 1e6
-            runners[config] = runner
-        samples: dict[str, dict[str, list[tuple[float, float]]]] = {
-            c: {"gen": [], "gen1": [], "prefill": []} for c in runners}
+            else:
+                result.compile_s = first - steady
+                result.weight_mb = runner.weight_bytes / 1e6
+                runners[config] = runner
+            bar.update()
+    samples: dict[str, dict[str, list[tuple[float, float]]]] = {
+        c: {"gen": [], "gen1": [], "prefill": []} for c in runners}
+    with torch.inference_mode(), progress("bench: interleaved timing", total=args.repeats) as bar:
         for _ in range(args.repeats):
             for config, runner in runners.items():
                 samples[config]["gen"].append(runner.generate(runner.new_tokens))
                 samples[config]["gen1"].append(runner.generate(1))
                 if args.prefill:
                     samples[config]["prefill"].append(runner.prefill())
+            bar.update()
     for result in results:
         if result.config not in samples:
             continue
@@ -235,6 +241,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefill", type=int, default=512, help="prefill tokens; 0 skips (default 512)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--compress-tied", action=argparse.BooleanOptionalAction, default=True,
+                   help="rs configs also compress weights shared with another reader, e.g. a tied "
+                        "lm_head, which every decode step streams (default on)")
     p.add_argument("--json", help="also write the results (with all samples) to this file")
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.prompt < 1 or args.repeats < 1 or args.prefill < 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,8 @@ def _config(args: argparse.Namespace) -> CompressionConfig:
     from rs_compile.config import CompressionConfig
 
     options = {"bits": args.bits, "group_size": args.group_size,
-               "act_bits": getattr(args, "act_bits", None)}
+               "act_bits": getattr(args, "act_bits", None),
+               "compress_tied": getattr(args, "compress_tied", None)}
     return CompressionConfig.from_options(None, {k: v for k, v in options.items() if v is not None})
 
 
@@ -33,14 +35,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loaded(name: str) -> tuple[Any, Any]:
+    """``hub.load_model(name)`` under a progress bar (a large model takes a while)."""
+    from rs_compile.hub import load_model
+    from rs_compile.progress import progress
+
+    with progress(f"loading {name}"):
+        return load_model(name)
+
+
 def _token_ids(model: Any, seq_len: int) -> torch.Tensor:
+    """Dummy input ids; ValueError (before any compile) when the model cannot take them."""
     import torch
 
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
     if not vocab:
         raise ValueError("inspect feeds token ids, but the model's config has no vocab_size")
-    if seq_len < 1:
-        raise ValueError(f"--seq-len={seq_len} is invalid; it must be >= 1")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and seq_len > positions:
+        raise ValueError(f"--seq-len={seq_len} is longer than the model's {positions} positions "
+                         f"(config.max_position_embeddings); pass --seq-len {positions} or less")
     return torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
 
 
@@ -65,11 +80,15 @@ def _layer_status(model: Any, report: Any) -> list[str]:
 
 def _inspect(args: argparse.Namespace) -> int:
     import rs_compile
-    from rs_compile.hub import load_model
+    from rs_compile.progress import progress
 
-    model, _ = load_model(args.model)
+    if args.seq_len < 1:
+        raise ValueError(f"--seq-len={args.seq_len} is invalid; it must be >= 1")
+    config = _config(args)
+    model, _ = _loaded(args.model)
     ids = _token_ids(model, args.seq_len)
-    report = rs_compile.inspect(model, example_kwargs={"input_ids": ids}, **vars(_config(args)))
+    with progress("inspect: compiling with the realitystone backend and running"):
+        report = rs_compile.inspect(model, example_kwargs={"input_ids": ids}, **vars(config))
     print(report)
     if args.layers:
         print("\nlayers:")
@@ -90,15 +109,25 @@ def _calibration(path: Path, tokenizer: Any) -> list[dict[str, Any]]:
     return [dict(tokenizer(line, return_tensors="pt")) for line in lines]
 
 
+def _check_out_folder(out: Path) -> None:
+    """ValueError unless ``out`` can become (or is) a folder: checked before any work."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is an existing file, but convert writes a folder; "
+                         "pass a new or existing folder path")
+
+
 def _convert(args: argparse.Namespace) -> int:
     import rs_compile
     from rs_compile.demo import model_bytes
-    from rs_compile.hub import load_model, save_model
+    from rs_compile.hub import save_model
 
-    model, tokenizer = load_model(args.model)
+    _check_out_folder(args.out)
+    config = _config(args)
+    model, tokenizer = _loaded(args.model)
     calibration = _calibration(args.calibration, tokenizer) if args.calibration else None
     before = model_bytes(model)
-    rs_compile.convert(model, _config(args), calibration=calibration, progress=True)
+    rs_compile.convert(model, config, calibration=calibration, progress=True)
     print(model.rs_report)
     out = save_model(model, args.out, tokenizer)
     print(f"model bytes {before:,} -> {model_bytes(model):,}; saved to {out} "
@@ -112,21 +141,34 @@ def _bench(argv: list[str]) -> int:
     return bench.main(argv)
 
 
+def _announcing(bar: Any, desc: str, quantize: Callable) -> Callable:
+    """``quantize``, showing ``desc`` on ``bar`` while the harness uses it (it quantizes a codec's
+    layers first, then measures that codec)."""
+    def run(name: str, weight: Any) -> Any:
+        bar.set_description(desc, refresh=False)
+        return quantize(name, weight)
+
+    return run
+
+
 def _eval(args: argparse.Namespace) -> int:
     from rs_compile.demo import fidelity_table, quantizer
     from rs_compile.eval import harness
-    from rs_compile.hub import load_model
+    from rs_compile.progress import progress
 
     config = _config(args)
     quantizers = {f"rs_compile {config.bits}-bit g{config.group_size}": quantizer(config)}
     baselines = harness.baseline_quantizers(config.group_size)
     quantizers.update({b: baselines[b] for b in args.baseline})
-    model, tokenizer = load_model(args.model)
-    if args.model == "minilm":
-        results = harness.evaluate_encoder(model, tokenizer, quantizers)
-    else:
-        results = harness.evaluate_causal_lm(model, quantizers, n_sequences=args.sequences,
-                                             bleu_prompts=min(32, args.sequences))
+    model, tokenizer = _loaded(args.model)
+    with progress("eval: reference outputs of the original model") as bar:
+        quantizers = {name: _announcing(bar, f"eval: {name} ({i}/{len(quantizers)})", q)
+                      for i, (name, q) in enumerate(quantizers.items(), 1)}
+        if args.model == "minilm":
+            results = harness.evaluate_encoder(model, tokenizer, quantizers)
+        else:
+            results = harness.evaluate_causal_lm(model, quantizers, n_sequences=args.sequences,
+                                                 bleu_prompts=min(32, args.sequences))
     print(fidelity_table(results))
     return 0
 
@@ -143,14 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10, help="timed calls per model (default 10)")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("inspect", parents=[codec], help="what the backend rewrites in a model, and why not")
+    tied = argparse.ArgumentParser(add_help=False)
+    tied.add_argument("--compress-tied", action="store_true", default=None,
+                      help="also compress weights shared with another reader, e.g. a tied lm_head "
+                           "(the other reader keeps the dense copy)")
+
+    p = sub.add_parser("inspect", parents=[codec, tied],
+                       help="what the backend rewrites in a model, and why not")
     p.add_argument("model", help="local model folder or built-in name (tinystories, minilm, gpt2-tiny, ...)")
     p.add_argument("--layers", action="store_true", help="list every linear layer with its status")
     p.add_argument("--graphs", action="store_true", help="print the FX graphs before and after")
-    p.add_argument("--seq-len", type=int, default=16, help="dummy input length (default 16)")
+    p.add_argument("--seq-len", type=int, default=16,
+                   help="dummy input length, at most the model's positions (default 16)")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("convert", parents=[codec], help="compress a model folder and save it")
+    p = sub.add_parser("convert", parents=[codec, tied], help="compress a model folder and save it")
     p.add_argument("model", help="local model folder or built-in name")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--act-bits", type=int, choices=(0, 8),

@@ -7,12 +7,10 @@ installed and a random tiny GPT-2 otherwise (shape-only: its fidelity says littl
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,28 +22,9 @@ from rs_compile.config import CompressionConfig
 from rs_compile.convert import convert
 from rs_compile.eval.splits import HELDOUT_SENTENCES
 from rs_compile.hub import BUILTINS
+from rs_compile.progress import progress
 
 DEMO_SENTENCES = list(HELDOUT_SENTENCES[:8])
-
-
-@contextlib.contextmanager
-def progress(desc: str) -> Iterator[None]:
-    """A ticking elapsed-time bar for one long call (a first torch.compile run, a model load)."""
-    bar = tqdm(desc=desc, bar_format="{desc}: {elapsed}", leave=True)
-    stop = threading.Event()
-
-    def tick() -> None:
-        while not stop.wait(0.5):
-            bar.refresh()
-
-    thread = threading.Thread(target=tick, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        bar.close()
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -140,6 +119,9 @@ def fidelity_table(results: dict[str, Any]) -> str:
 
 def run(config: CompressionConfig | None = None, iters: int = 10) -> None:
     """Convert the demo model, then print the rewrite report, sizes, fidelity and speed."""
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters={iters!r} is invalid; the speed comparison needs at least 1 timed "
+                         "call per model (default 10)")
     start = time.perf_counter()
     with progress("loading the demo model"):
         label, original, inputs, fidelity = load_demo_model()

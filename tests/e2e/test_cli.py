@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rs_compile
+from rs_compile import bench
 from rs_compile.cli import main
 from rs_compile.hub import load_model
 from rs_compile.models import configs
@@ -68,6 +69,75 @@ def test_bad_option_value_is_one_clear_line(capsys):
     assert main(["convert", "gpt2-tiny", "--out", "unused", "--bits", "5"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == ("rs-compile convert: error: bits=5 is not supported; valid values are (2, 3, 4, 8)")
+
+
+def one_error_line(capsys, command):
+    """The captured stderr minus progress bars: exactly one line, the CLI's error."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rs-compile")]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"rs-compile {command}: error: ")
+    return lines[0]
+
+
+def must_not_run(*args, **kwargs):
+    raise AssertionError("the command went past its argument checks")
+
+
+def test_demo_with_no_timed_calls_fails_up_front(monkeypatch, capsys):
+    monkeypatch.setattr("rs_compile.demo.load_demo_model", must_not_run)
+    assert main(["demo", "--iters", "0"]) == 2
+    assert "iters=0 is invalid" in one_error_line(capsys, "demo")
+
+
+def test_inspect_longer_than_the_models_positions_fails_before_compiling(monkeypatch, capsys):
+    monkeypatch.setattr(rs_compile, "inspect", must_not_run)
+    assert main(["inspect", "gpt2-tiny", "--seq-len", "5000"]) == 2
+    assert "--seq-len=5000 is longer than the model's 256 positions" in one_error_line(capsys, "inspect")
+
+
+def test_convert_into_an_existing_file_fails_before_loading(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("rs_compile.hub.load_model", must_not_run)
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    for target in (out, out / "sub"):
+        assert main(["convert", "gpt2-tiny", "--out", str(target)]) == 2
+        assert f"{out} is an existing file, but convert writes a folder" in one_error_line(capsys, "convert")
+    assert out.read_text() == "not a folder"
+
+
+def test_compress_tied_flag(monkeypatch, tmp_path, capsys):
+    def lm_head(folder):
+        return type(load_model(folder)[0].lm_head).__name__
+
+    for flags, expected in (([], "Linear"), (["--compress-tied"], "CompressedLinear")):
+        assert main(["convert", "gpt2-tiny", "--out", str(tmp_path / expected), *flags]) == 0
+        assert lm_head(tmp_path / expected) == expected
+    seen = {}
+    monkeypatch.setattr(rs_compile, "inspect", lambda model, **kw: seen.update(kw) or rs_compile.Report())
+    assert main(["inspect", "gpt2-tiny", "--compress-tied"]) == 0
+    assert seen["compress_tied"] is True
+    assert bench.parse_args([]).compress_tied is True  # the bench's rs configs stream lm_head compressed
+    off = bench.parse_args(["--no-compress-tied"])
+    assert type(bench.PREPARE["rs-4bit"][0](configs.gpt2("tiny"), off).lm_head) is torch.nn.Linear
+
+
+def test_inspect_and_bench_show_progress_on_stderr(monkeypatch, capsys):
+    monkeypatch.setattr(rs_compile, "inspect", lambda model, **kw: rs_compile.Report())
+    assert main(["inspect", "gpt2-tiny"]) == 0
+    err = capsys.readouterr().err
+    assert "loading gpt2-tiny" in err and "inspect: compiling with the realitystone backend" in err
+    assert main(["bench", "--model", "gpt2-tiny", "--configs", "eager", "--prompt", "4", "--new-tokens", "2",
+                 "--prefill", "0", "--repeats", "1", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "bench: convert, compile and warm up eager" in err and "bench: interleaved timing" in err
+
+
+def test_eval_shows_which_codec_it_measures(monkeypatch, capsys):
+    monkeypatch.setitem(rs_compile.hub.BUILTINS, "tinystories", lambda: (configs.llama("tiny"), None))
+    assert main(["eval", "--model", "tinystories", "--sequences", "1", "--baseline", "int8"]) == 0
+    err = capsys.readouterr().err
+    assert "eval: reference outputs" in err
+    assert "eval: rs_compile 4-bit g64 (1/2)" in err and "eval: int8 (2/2)" in err
 
 
 @pytest.mark.slow
