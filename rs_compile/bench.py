@@ -74,7 +74,9 @@ def _torchao(model: torch.nn.Module, kind: str) -> torch.nn.Module:
 def _rs(model: torch.nn.Module, args: argparse.Namespace, bits: int, act_bits: int = 0) -> torch.nn.Module:
     import rs_compile
 
-    return rs_compile.convert(model, bits=bits, compress_tied=args.compress_tied, act_bits=act_bits)
+    # embeddings stay dense, as in the torchao configs (quantize_ rewrites nn.Linear only)
+    return rs_compile.convert(model, bits=bits, embeddings=False, compress_tied=args.compress_tied,
+                              act_bits=act_bits)
 
 
 # config -> (weight transform, torch.compile backend or None for eager)

@@ -24,10 +24,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rs_compile.codec.calibrate import gptq_encode
-from rs_compile.codec.encode import EncodedWeight, encode, packed_nbytes
+from rs_compile.codec.encode import EncodedWeight, encode
+from rs_compile.codec.format import Format
 
 Item = tuple | Mapping
-ALLOCATION_BITS = (3, 4, 8)  # the code widths bit allocation chooses from
+ALLOCATION_BITS = (3, 4, 5, 8)  # the code widths bit allocation chooses from
 
 
 class Layer(NamedTuple):
@@ -175,8 +176,8 @@ def layer_sensitivities(
         references = [call_model(model, item) for item in items]
         for name, layer in tqdm(layers.items(), desc="rs_compile sensitivity", disable=not progress):
             for bits in ALLOCATION_BITS:
-                w_hat = encode(layer.weight.detach(), bits, config.group_size, config.curvatures,
-                               config.curv_step).dequantize().to(layer.weight.device)
+                w_hat = encode(layer.weight.detach(), Format(bits, config.group_size),
+                               curvatures=config.curvatures).dequantize().to(layer.weight.device)
                 handle = _replace_output(layer, w_hat)
                 try:
                     result[name, bits] = sum(output_distance(ref, call_model(model, item))
@@ -196,7 +197,7 @@ def allocate_bits(
     its constrained minimum is found by bisection on the Lagrange multiplier of the size, which
     can leave a little of the budget unused.
     """
-    cost = {(name, b): 8 * packed_nbytes(*layer.weight.shape, b, config.group_size)
+    cost = {(name, b): 8 * Format(b, config.group_size).nbytes(*layer.weight.shape)
             for name, layer in layers.items() for b in ALLOCATION_BITS}
     weights = sum(layer.weight.numel() for layer in layers.values())
     budget = config.bit_budget * weights
@@ -273,8 +274,9 @@ def _collect(model: nn.Module, modules: list[nn.Module], items: Sequence[Item],
 
 
 def _encode(weight: torch.Tensor, moments: torch.Tensor, bits: int, config) -> EncodedWeight:
+    fmt = Format(bits, config.group_size)
     if config.gptq:
-        return gptq_encode(weight.detach(), moments, bits, config.group_size, config.curvatures,
-                           config.curv_step, config.gptq_damp)
-    return encode(weight.detach(), bits, config.group_size, config.curvatures, config.curv_step,
+        return gptq_encode(weight.detach(), moments, fmt, curvatures=config.curvatures,
+                           damp=config.gptq_damp)
+    return encode(weight.detach(), fmt, curvatures=config.curvatures,
                   importance=moments.diagonal().float())

@@ -24,7 +24,8 @@ def _config(args: argparse.Namespace) -> CompressionConfig:
 
     options = {"bits": args.bits, "group_size": args.group_size,
                "act_bits": getattr(args, "act_bits", None),
-               "compress_tied": getattr(args, "compress_tied", None)}
+               "compress_tied": getattr(args, "compress_tied", None),
+               "embeddings": getattr(args, "embeddings", None)}
     return CompressionConfig.from_options(None, {k: v for k, v in options.items() if v is not None})
 
 
@@ -143,9 +144,10 @@ def _bench(argv: list[str]) -> int:
 
 def _announcing(bar: Any, desc: str, quantize: Callable) -> Callable:
     """``quantize``, showing ``desc`` on ``bar`` while the harness uses it (it quantizes a codec's
-    layers first, then measures that codec)."""
+    layers first, then measures that codec). Drawn at once: a fast codec is done before the next tick."""
     def run(name: str, weight: Any) -> Any:
-        bar.set_description(desc, refresh=False)
+        if bar.desc != desc:
+            bar.set_description(desc)
         return quantize(name, weight)
 
     return run
@@ -177,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rs-compile", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=version("rs-compile"))
     codec = argparse.ArgumentParser(add_help=False)
-    codec.add_argument("--bits", type=int, help="code width: 2, 3, 4 or 8 (default 4)")
-    codec.add_argument("--group-size", type=int, help="weights per scale, multiple of 8 (default 64)")
+    codec.add_argument("--bits", type=int, help="code width: 2, 3, 4, 5 or 8 (default 4)")
+    codec.add_argument("--group-size", type=int, help="weights per scale step, multiple of 8 (default 32)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", parents=[codec], help="compress a built-in model offline and measure it")
@@ -186,9 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     tied = argparse.ArgumentParser(add_help=False)
+    tied.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=None,
+                      help="compress embedding tables too; a tied lm_head then reads their codes "
+                           "(default on)")
     tied.add_argument("--compress-tied", action="store_true", default=None,
-                      help="also compress weights shared with another reader, e.g. a tied lm_head "
-                           "(the other reader keeps the dense copy)")
+                      help="with --no-embeddings: also compress a linear weight shared with another "
+                           "reader, e.g. a tied lm_head (the other reader keeps the dense copy)")
 
     p = sub.add_parser("inspect", parents=[codec, tied],
                        help="what the backend rewrites in a model, and why not")

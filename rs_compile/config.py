@@ -7,18 +7,24 @@ import math
 from typing import Any, Mapping
 
 from rs_compile.codec.activations import ACT_BITS
-from rs_compile.codec.format import SUPPORTED_BITS, check_format
+from rs_compile.codec.format import CURVATURES, SUPPORTED_BITS, Format
 
 
 @dataclasses.dataclass(frozen=True)
 class CompressionConfig:
     """How rs_compile compresses a model.
 
-    bits: code width per weight (2, 3, 4 or 8).
-    group_size: weights per (scale, curvature) group along in_features; a positive multiple of 8.
-        in_features that are not a multiple are zero-padded (the padding is stored, never read back).
-    curvatures: how many per-group curvature choices the encoder may pick from (1 to 256).
-    curv_step: curvature of choice i is ``i * curv_step`` (0 gives uniform levels).
+    bits: code width per weight (2, 3, 4, 5 or 8).
+    group_size: weights per (scale step, level table) group along in_features; a positive
+        multiple of 8 (the CPU kernel takes multiples of 32). in_features that are not a multiple
+        are zero-padded (the padding is stored, never read back).
+    curvatures: how many of the format's level tables (curvatures 0, 1, 2, 3) a group may pick
+        from (1 to 4; 1 is the fixed-grid ablation; 8-bit codes have one table).
+    embeddings: compress nn.Embedding tables (and subclasses) too, into CompressedEmbedding; an
+        output layer tied to one reads its codes. False keeps embeddings and tied heads dense.
+    embedding_bits: code width of embedding tables (and so of tied heads). 5 by default: on
+        Gemma-3-270M, whose tied 262k x 640 table is 63% of the weights, 4-bit tables added 3.7x
+        the next-token KL of 5-bit ones (docs/fidelity.md).
     min_features: linears with in_features or out_features below this stay dense.
     compress_tied: also compress a weight the graph reads elsewhere (e.g. a tied lm_head); the
         other readers keep the dense tensor, so this trades memory for decode speed.
@@ -36,9 +42,10 @@ class CompressionConfig:
     """
 
     bits: int = 4
-    group_size: int = 64
+    group_size: int = 32
     curvatures: int = 4
-    curv_step: float = 1.0
+    embeddings: bool = True
+    embedding_bits: int = 5
     min_features: int = 16
     compress_tied: bool = False
     attention: bool = True
@@ -49,12 +56,13 @@ class CompressionConfig:
     act_bits: int = 0
 
     def __post_init__(self) -> None:
-        check_format(self.bits, self.group_size)
-        if not isinstance(self.curvatures, int) or not 1 <= self.curvatures <= 256:
-            raise ValueError(f"curvatures={self.curvatures!r} is invalid; valid range is 1..256")
-        if not (isinstance(self.curv_step, (int, float)) and math.isfinite(self.curv_step)
-                and self.curv_step >= 0):
-            raise ValueError(f"curv_step={self.curv_step!r} is invalid; it must be a finite float >= 0")
+        Format(self.bits, self.group_size)  # ValueError for a pair the layout cannot hold
+        if self.embedding_bits not in SUPPORTED_BITS:
+            raise ValueError(f"embedding_bits={self.embedding_bits!r} is not supported; valid values "
+                             f"are {SUPPORTED_BITS}")
+        if not isinstance(self.curvatures, int) or not 1 <= self.curvatures <= len(CURVATURES):
+            raise ValueError(f"curvatures={self.curvatures!r} is invalid; valid range is "
+                             f"1..{len(CURVATURES)}")
         if not isinstance(self.gptq, bool):
             raise ValueError(f"gptq={self.gptq!r} is invalid; it must be True or False")
         if not (isinstance(self.gptq_damp, (int, float)) and math.isfinite(self.gptq_damp)
@@ -71,6 +79,11 @@ class CompressionConfig:
                              "(0: float activations, 8: dynamic int8 activations)")
         if not isinstance(self.min_features, int) or self.min_features < 1:
             raise ValueError(f"min_features={self.min_features!r} is invalid; it must be an int >= 1")
+
+    @property
+    def format(self) -> Format:
+        """The stored format this config encodes to (validates bits and group_size)."""
+        return Format(self.bits, self.group_size)
 
     @classmethod
     def from_options(

@@ -1,4 +1,5 @@
-"""``convert``: swap a model's Linear / Conv1D layers for CompressedLinear, all or nothing."""
+"""``convert``: swap a model's Linear / Conv1D layers for CompressedLinear and its embeddings for
+CompressedEmbedding (a tied output layer reading the embedding's codes), all or nothing."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rs_compile.calibration import Layer, calibrated_encodings, check_items
-from rs_compile.codec.encode import encode
+from rs_compile.codec.encode import EncodedWeight, encode
+from rs_compile.codec.format import Format
 from rs_compile.config import CompressionConfig
-from rs_compile.modules import CompressedLinear
+from rs_compile.modules import CompressedEmbedding, CompressedLinear, compress_embedding
 from rs_compile.report import LinearRewrite, Report
 
 
@@ -50,7 +52,9 @@ def convert(
     progress: bool = False,
     **overrides: Any,
 ) -> nn.Module:
-    """Compress every eligible Linear / Conv1D of ``model`` in place and return it.
+    """Compress every eligible Linear / Conv1D and (``embeddings=True``, the default) embedding of
+    ``model`` in place and return it. An output layer tied to a compressed embedding reads the
+    embedding's codes: one copy, no dense table left.
 
     ``calibration``: optional sample inputs, each a tuple of positional arguments or a dict of
     keyword arguments for ``model(...)``. With them every layer is encoded to minimise its output
@@ -70,9 +74,16 @@ def convert(
                          "each layer matters: pass calibration=[...] or drop bit_budget")
     tied = _tied_names(model)
     report = Report()
+    tables = _embedding_tables(model, config, report, tied) if config.embeddings else {}
+    table_of = {id(m.weight): n for n, m in tables.items()}
+    heads: dict[str, tuple[nn.Module, str]] = {}
     layers: dict[str, Layer] = {}
     for name, module in model.named_modules():
-        if (lw := linear_weight(module)) is None:
+        lw = linear_weight(module)
+        if lw is not None and id(module.weight) in table_of:
+            heads[name] = (module, table_of[id(module.weight)])
+            continue
+        if lw is None:
             if isinstance(module, nn.Linear):
                 report.skip(name, f"{type(module).__qualname__} subclasses nn.Linear and its forward "
                             "may do more than x @ W.T + b; only exact nn.Linear / Conv1D are "
@@ -93,14 +104,16 @@ def convert(
 
     if items is None:
         encoded = {
-            name: encode(weight.detach(), config.bits, config.group_size, config.curvatures,
-                         config.curv_step)
+            name: encode(weight.detach(), config.format, curvatures=config.curvatures)
             for name, (_, weight, _) in tqdm(layers.items(), desc="rs_compile convert",
                                              disable=not progress)
         }
     else:
         encoded = calibrated_encodings(model, layers, items, config, progress)
-    new: dict[str, CompressedLinear] = {}
+    new: dict[str, nn.Module] = _compressed_tables(tables, config, report, progress)
+    for name, (module, table) in heads.items():
+        if table in new:  # an embedding that failed its check keeps its head dense too
+            new[name] = _tied_head(module, new[table], config, report, name, table)
     for name, (module, weight, bias) in layers.items():
         enc = encoded[name]
         new[name] = CompressedLinear(enc, bias, config.act_bits).to(weight.device)
@@ -116,6 +129,88 @@ def convert(
         warn_on_save_pretrained(model)
     model.rs_report = report
     return model
+
+
+def _embedding_tables(model: nn.Module, config: CompressionConfig, report: Report,
+                      tied: dict[int, list[str]]) -> dict[str, nn.Embedding]:
+    """The embeddings to compress; the others are reported with the reason."""
+    tables = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Embedding) or isinstance(module, CompressedEmbedding):
+            continue
+        weight = module.weight
+        if weight.device.type == "meta":
+            reason = "weight is on the meta device (load real weights first, or use rs_compile.load)"
+        elif not weight.is_floating_point():
+            reason = f"weight dtype {weight.dtype} is not floating point"
+        elif min(weight.shape) < config.min_features:
+            reason = f"table {tuple(weight.shape)} smaller than min_features={config.min_features}"
+        elif module.max_norm is not None:
+            reason = "max_norm renormalises the table in place at every lookup; a fixed code cannot"
+        else:
+            if not _finite(weight):
+                raise ValueError(f"embedding {name!r} has NaN/Inf weights; rs_compile cannot encode "
+                                 "them. Fix the checkpoint or pass embeddings=False. The model was "
+                                 "left unchanged.")
+            tables[name] = module
+            continue
+        report.skip(name, reason)
+    return tables
+
+
+PROBE_IDS = 8  # rows a subclass's forward is checked on
+
+
+def _compressed_tables(tables: dict[str, nn.Embedding], config: CompressionConfig, report: Report,
+                       progress: bool) -> dict[str, nn.Module]:
+    """CompressedEmbedding per table; a subclass whose forward does not give the original's
+    output on the decoded table (it computes with ``weight`` itself) is skipped with the reason."""
+    fmt = Format(config.embedding_bits, config.group_size)
+    new: dict[str, nn.Module] = {}
+    for name, module in tqdm(tables.items(), desc="rs_compile embeddings", disable=not progress):
+        enc = encode(module.weight.detach(), fmt, curvatures=config.curvatures)
+        compressed = compress_embedding(module, enc).to(module.weight.device)
+        if type(module) is not nn.Embedding and (reason := _subclass_mismatch(module, compressed, enc)):
+            report.skip(name, reason)
+            continue
+        new[name] = compressed
+        report.linear_rewrites.append(LinearRewrite(
+            module=name, pattern="embedding", out_features=enc.out_features,
+            in_features=enc.in_features, bits=enc.bits,
+            dense_bytes=module.weight.numel() * module.weight.element_size(),
+            compressed_bytes=enc.nbytes()))
+    return new
+
+
+def _subclass_mismatch(module: nn.Embedding, compressed: nn.Module, enc: EncodedWeight) -> str | None:
+    """Why ``compressed`` cannot stand in for the subclass ``module``, or None: on a few ids it must
+    match the original forward run on the decoded table."""
+    ids = torch.arange(min(PROBE_IDS, module.num_embeddings), device=module.weight.device)
+    reference = type(module).__new__(type(module))
+    reference.__dict__.update(module.__dict__)
+    reference._parameters = {**module._parameters,
+                             "weight": nn.Parameter(enc.dequantize().to(module.weight), requires_grad=False)}
+    try:
+        with torch.no_grad():
+            got, expected = compressed(ids), reference(ids)
+    except Exception as err:  # noqa: BLE001  (any failure means the subclass needs its dense weight)
+        return (f"{type(module).__qualname__}.forward fails on the compressed table "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); it reads the weight itself")
+    if got.shape != expected.shape or not torch.allclose(got.float(), expected.float(), rtol=1e-5, atol=1e-6):
+        return (f"{type(module).__qualname__}.forward gives other values on the compressed table "
+                "than on the same table decoded; it reads the weight itself")
+    return None
+
+
+def _tied_head(module: nn.Module, table: nn.Module, config: CompressionConfig, report: Report,
+               name: str, table_name: str) -> CompressedLinear:
+    """The output layer ``module`` tied to ``table``, reading the same code tensors."""
+    enc = EncodedWeight(table.codes, table.groups, table.row_scale,
+                        Format(table.bits, table.group_size), table.embedding_dim)
+    report.linear_rewrites.append(LinearRewrite(
+        module=name, pattern=f"tied:{table_name}", out_features=enc.out_features,
+        in_features=enc.in_features, bits=enc.bits, dense_bytes=0, compressed_bytes=0))
+    return CompressedLinear(enc, linear_weight(module)[1], config.act_bits)
 
 
 def _finite(param: torch.Tensor) -> bool:

@@ -37,7 +37,7 @@ def quantizer(config: CompressionConfig) -> Callable[[str, torch.Tensor], torch.
     """The rs_compile codec as a fidelity-harness fake-quantizer: the dense weight the codes decode
     to, which is exactly what CompressedLinear multiplies by."""
     def quantize(name: str, weight: torch.Tensor) -> torch.Tensor:
-        enc = encode(weight, config.bits, config.group_size, config.curvatures, config.curv_step)
+        enc = encode(weight, config.format, curvatures=config.curvatures)
         return enc.dequantize().to(weight.dtype)
 
     return quantize

@@ -1,60 +1,124 @@
-"""CompressedLinear: the module ``convert`` swaps in for nn.Linear and transformers' Conv1D."""
+"""The modules ``convert`` swaps in: CompressedLinear (nn.Linear, transformers' Conv1D) and
+CompressedEmbedding (nn.Embedding and its subclasses)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
 from rs_compile.codec.encode import EncodedWeight
-from rs_compile.codec.format import decode_weight
-from rs_compile.ops.linear import poincare_linear
+from rs_compile.codec.format import Format, decode_weight
+from rs_compile.ops.embedding import embedding
+from rs_compile.ops.linear import linear
+
+PACKED = ("codes", "groups", "row_scale")  # EncodedWeight.tensors() order
 
 
 class CompressedLinear(nn.Module):
-    """y = x @ W.T + b with W held only as Poincare codes (buffers), executed by rs::poincare_linear.
+    """y = x @ W.T + b with W held only in the codec's format (buffers), executed by rs::linear.
 
-    Buffers: ``codes`` (uint8), ``scales`` (float16), ``curv`` (uint8), and the dense ``bias``
-    if the original layer had one. No dense weight is kept. ``act_bits=8`` rounds the input to
-    int8 per group first (rs_compile.codec.activations).
+    Buffers: the packed ``codes``, ``groups`` and ``row_scale`` (rs_compile.codec.format), and the
+    dense ``bias`` if the original layer had one. No dense weight is kept. ``act_bits=8`` rounds
+    the input to int8 per group first (rs_compile.codec.activations).
     """
 
     def __init__(self, encoded: EncodedWeight, bias: torch.Tensor | None = None, act_bits: int = 0):
         super().__init__()
-        self.register_buffer("codes", encoded.codes)
-        self.register_buffer("scales", encoded.scales)
-        self.register_buffer("curv", encoded.curv)
+        for name, t in zip(PACKED, encoded.tensors()):
+            self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.bits = encoded.bits
         self.group_size = encoded.group_size
         self.in_features = encoded.in_features
         self.out_features = encoded.out_features
-        self.curv_step = encoded.curv_step
         self.act_bits = act_bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return poincare_linear(x, self.codes, self.scales, self.curv, self.bias, self.bits,
-                               self.group_size, self.in_features, self.curv_step, self.act_bits)
+        return linear(x, self.codes, self.groups, self.row_scale, self.bias, self.bits,
+                      self.group_size, self.in_features, self.act_bits)
 
     def dequantize(self) -> torch.Tensor:
         """The dense float32 weight [out, in] the codes represent (what the op multiplies by)."""
-        return decode_weight(self.codes, self.scales, self.curv, self.bits, self.group_size,
-                             self.in_features, self.curv_step)
+        return decode_weight(self.codes, self.groups, self.row_scale, self.bits, self.group_size,
+                             self.in_features)
 
     @classmethod
     def from_meta(cls, meta: dict, packed: dict[str, torch.Tensor],
                   bias: torch.Tensor | None) -> CompressedLinear:
         """The layer :meth:`meta` and the packed buffers (named as in
-        rs_compile.codec.format.packed_specs) describe: what load rebuilds a saved layer from."""
-        enc = EncodedWeight(**packed, bits=meta["bits"], group_size=meta["group_size"],
-                            in_features=meta["in_features"], curv_step=meta["curv_step"])
+        Format.packed_specs) describe: what load rebuilds a saved layer from."""
+        enc = EncodedWeight(*(packed[name] for name in PACKED),
+                            Format(meta["bits"], meta["group_size"]), meta["in_features"])
         return cls(enc, bias, meta["act_bits"])
 
     def meta(self) -> dict:
         return dict(bits=self.bits, group_size=self.group_size, in_features=self.in_features,
-                    out_features=self.out_features, curv_step=self.curv_step,
-                    bias=self.bias is not None, act_bits=self.act_bits)
+                    out_features=self.out_features, bias=self.bias is not None, act_bits=self.act_bits)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}"
                 + (f", act_bits={self.act_bits}" if self.act_bits else ""))
+
+
+class CompressedEmbedding(nn.Embedding):
+    """An nn.Embedding whose table is held only in the codec's format, read by rs::embedding.
+
+    Built by :func:`compress_embedding`, which also covers subclasses of nn.Embedding: their
+    class is combined with this one so that their own ``forward`` runs and its
+    ``super().forward(ids)`` lands here (e.g. Gemma's embedding, which scales the rows).
+    ``weight`` is a meta tensor of the table's shape and dtype: code that only inspects it (dtype
+    checks) keeps working, code that computes with it fails loudly instead of reading a stale
+    dense copy; convert checks every subclass against the original before swapping it in.
+    """
+
+    def __init__(self) -> None:  # use compress_embedding: nn.Embedding.__init__ would allocate
+        raise TypeError("build a CompressedEmbedding with rs_compile.modules.compress_embedding")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.empty((self.num_embeddings, self.embedding_dim), dtype=torch.float32,
+                           device="meta")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return embedding(ids, self.codes, self.groups, self.row_scale, self.bits, self.group_size,
+                         self.embedding_dim)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense float32 table [num_embeddings, embedding_dim] the codes represent."""
+        return decode_weight(self.codes, self.groups, self.row_scale, self.bits, self.group_size,
+                             self.embedding_dim)
+
+    def meta(self) -> dict:
+        return dict(bits=self.bits, group_size=self.group_size, in_features=self.embedding_dim,
+                    out_features=self.num_embeddings, bias=False, kind="embedding")
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
+
+
+def compress_embedding(module: nn.Embedding, encoded: EncodedWeight) -> CompressedEmbedding:
+    """A CompressedEmbedding standing in for ``module`` (its class kept when it is a subclass),
+    with every attribute of ``module`` but the dense ``weight``. ``module`` is not modified."""
+    cls = _compressed_class(type(module))
+    new = cls.__new__(cls)
+    state = dict(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        state[key] = dict(state[key])
+    state["_parameters"].pop("weight", None)
+    new.__dict__.update(state)
+    for name, t in zip(PACKED, encoded.tensors()):
+        new.register_buffer(name, t)
+    new.bits, new.group_size = encoded.bits, encoded.group_size
+    return new
+
+
+@functools.cache
+def _compressed_class(cls: type) -> type:
+    """CompressedEmbedding for nn.Embedding; for a subclass, one class deriving from both (built
+    once per subclass, so that every converted model shares it)."""
+    if cls is nn.Embedding:
+        return CompressedEmbedding
+    return type(f"Compressed{cls.__name__}", (cls, CompressedEmbedding), {"__module__": __name__})

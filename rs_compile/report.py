@@ -66,15 +66,21 @@ class Report:
         self.fused_qkv += other.fused_qkv
 
     def __str__(self) -> str:
-        rows = [f"{'module':<44} {'pattern':<12} {'shape':>12} {'bits':>4} {'bytes':>19}"]
+        width = max([12, *(len(r.pattern) for r in self.linear_rewrites)])
+        rows = [f"{'module':<44} {'pattern':<{width}} {'shape':>12} {'bits':>4} {'bytes':>19}"]
         for r in self.linear_rewrites:
             shape = f"{r.out_features}x{r.in_features}"
             size = f"{r.dense_bytes:,}->{r.compressed_bytes:,}"
-            rows.append(f"{r.module:<44} {r.pattern:<12} {shape:>12} {r.bits:>4} {size:>19}")
+            rows.append(f"{r.module:<44} {r.pattern:<{width}} {shape:>12} {r.bits:>4} {size:>19}")
         dense = sum(r.dense_bytes for r in self.linear_rewrites)
         packed = sum(r.compressed_bytes for r in self.linear_rewrites)
         ratio = f" ({dense / packed:.2f}x smaller)" if packed else ""
-        lines = [f"rs_compile: {len(self.linear_rewrites)} linear rewrites, "
+        tables = sum(r.pattern == "embedding" for r in self.linear_rewrites)
+        tied = sum(r.pattern.startswith("tied:") for r in self.linear_rewrites)
+        linears = len(self.linear_rewrites) - tables - tied
+        extra = "".join(f"{n} {what}, " for n, what in ((tables, "embedding rewrites"),
+                                                        (tied, "tied heads")) if n)
+        lines = [f"rs_compile: {linears} linear rewrites, {extra}"
                  f"{len(self.attention_rewrites)} attention rewrites, "
                  f"{len(self.skipped)} skipped; weights {dense:,} -> {packed:,} bytes{ratio}"]
         if self.linear_rewrites:

@@ -3,10 +3,11 @@
 A folder holds two files:
 
 * ``rs_compile.safetensors``: every tensor of the model, once: the packed buffers of each
-  CompressedLinear (``<module>.<name>`` for each name of rs_compile.codec.format.packed_specs, and
-  ``<module>.bias``) and every remaining parameter and buffer (non-persistent buffers too, so a
-  meta-device model comes back complete);
-* ``rs_compile.json``: ``{"format", "version", "modules": {name: CompressedLinear.meta()},
+  CompressedLinear and CompressedEmbedding (``<module>.<name>`` for each name of
+  ``Format.packed_specs``, and ``<module>.bias``) and every remaining parameter and buffer
+  (non-persistent buffers too, so a meta-device model comes back complete); a tied output layer's
+  buffers are aliases of its embedding's;
+* ``rs_compile.json``: ``{"format", "version", "modules": {name: module.meta()},
   "aliases": {name: name it shares its tensor with}, "tensors": {name: {"dtype", "shape",
   "sha256"}}, "sha256"}``; the last is the sha256 of the rest of the JSON.
 
@@ -32,13 +33,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rs_compile.codec.format import packed_specs
+from rs_compile.codec.encode import EncodedWeight
+from rs_compile.codec.format import Format
 from rs_compile.config import CompressionConfig
 from rs_compile.convert import linear_weight
-from rs_compile.modules import CompressedLinear
+from rs_compile.modules import PACKED, CompressedEmbedding, CompressedLinear, compress_embedding
+
+COMPRESSED = (CompressedLinear, CompressedEmbedding)
 
 FORMAT = "rs_compile"
-VERSION = 2  # 2: per-tensor and metadata checksums
+VERSION = 3  # 2: per-tensor and metadata checksums; 3: codec format v2, embeddings
 TENSORS_FILE = "rs_compile.safetensors"
 META_FILE = "rs_compile.json"
 RESAVE = ("convert the original model with this rs_compile and save it again (rs_compile.save, "
@@ -91,7 +95,7 @@ def _check_layer(where: str, name: str, m: Mapping, tensors: Mapping[str, torch.
         raise ValueError(f"{where}: compressed layer {name!r}: {err}") from None
     fmt = (f"{m['bits']}-bit codes in groups of {m['group_size']}, [out, in] = "
            f"[{m['out_features']}, {m['in_features']}]")
-    specs = packed_specs(m["bits"], m["group_size"], m["out_features"], m["in_features"])
+    specs = Format(m["bits"], m["group_size"]).packed_specs(m["out_features"], m["in_features"])
     if m["bias"]:
         specs["bias"] = ((m["out_features"],), None)
     for key, (shape, dtype) in specs.items():
@@ -125,7 +129,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         else:
             first_name[id(t)] = name
             tensors[name] = t.detach().contiguous()
-    modules = {n: m.meta() for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    modules = {n: m.meta() for n, m in model.named_modules() if isinstance(m, COMPRESSED)}
     for name, m in modules.items():
         _check_layer(f"cannot save to {path}", name, m, named)
     meta = {"format": FORMAT, "version": VERSION, "modules": modules, "aliases": aliases,
@@ -156,7 +160,8 @@ def read_meta(path: str | os.PathLike) -> dict:
     if meta.get("version") != VERSION:
         raise ValueError(
             f"{file} has format version {meta.get('version')!r}; this rs_compile reads version "
-            f"{VERSION} only (version 2 added checksums). To re-save: {RESAVE}"
+            f"{VERSION} only (version 3: the codec's format v2 and compressed embeddings). To "
+            f"re-save: {RESAVE}"
         )
     if not all(isinstance(meta.get(k), dict) for k in ("modules", "aliases", "tensors")):
         raise ValueError(f"{file} lacks its \"modules\", \"aliases\" or \"tensors\" map; {RESAVE}")
@@ -194,26 +199,38 @@ def _read_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
 
 
 def _compressed_module(file: Path, name: str, module: nn.Module | None, m: dict,
-                       tensors: dict[str, torch.Tensor]) -> CompressedLinear:
-    """The CompressedLinear for ``name``, after checking the file's layer and the model's."""
+                       tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The CompressedLinear or CompressedEmbedding for ``name``, after checking the file's layer
+    and the model's."""
     _check_layer(str(file), name, m, tensors)
-    lw = None if module is None else linear_weight(module)
-    if lw is None:
+    embedding = m.get("kind") == "embedding"
+    shape = (m["out_features"], m["in_features"])
+    if embedding:
+        fits = isinstance(module, nn.Embedding) and not isinstance(module, CompressedEmbedding)
+        weight = module.weight if fits else None
+        expected = "nn.Embedding"
+    else:
+        lw = None if module is None else linear_weight(module)
+        weight = None if lw is None else lw[0]
+        expected = "nn.Linear or Conv1D"
+    if weight is None:
         found = "no such module" if module is None else f"a {type(module).__name__}"
         raise ValueError(
             f"{file} compresses layer {name!r} but the model has {found} there (expected "
-            "nn.Linear or Conv1D): load into a freshly built, unconverted model of the same architecture"
+            f"{expected}): load into a freshly built, unconverted model of the same architecture"
         )
-    shape = (m["out_features"], m["in_features"])
-    if tuple(lw[0].shape) != shape:
+    if tuple(weight.shape) != shape:
         raise ValueError(
-            f"{file}: layer {name!r}: the model's weight is [out, in] = {list(lw[0].shape)} but the file "
+            f"{file}: layer {name!r}: the model's weight is {list(weight.shape)} but the file "
             f"holds {list(shape)}: the model config differs from the one saved"
         )
-    packed = {k: tensors[f"{name}.{k}"] for k in packed_specs(m["bits"], m["group_size"], *shape)}
-    bias = tensors[f"{name}.bias"] if m["bias"] else None
+    packed = {k: tensors[f"{name}.{k}"] for k in PACKED}
     try:
-        layer = CompressedLinear.from_meta(m, packed, bias)
+        if embedding:
+            enc = EncodedWeight(*packed.values(), Format(m["bits"], m["group_size"]), m["in_features"])
+            layer = compress_embedding(module, enc)
+        else:
+            layer = CompressedLinear.from_meta(m, packed, tensors[f"{name}.bias"] if m["bias"] else None)
     except (KeyError, TypeError) as err:
         raise ValueError(f"{file}: compressed layer {name!r} has incomplete metadata ({err!r})") from None
     if layer.meta() != m:
@@ -248,16 +265,19 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     meta = read_meta(path)
     tensors = _read_tensors(path, meta)
     file = path / META_FILE
+    aliases: dict[str, str] = dict(meta["aliases"])
+    resolved = {**tensors, **{a: tensors[t] for a, t in aliases.items() if t in tensors}}
     modules = dict(model.named_modules())
-    new = {n: _compressed_module(file, n, modules.get(n), m, tensors)
+    new = {n: _compressed_module(file, n, modules.get(n), m, resolved)
            for n, m in meta["modules"].items()}
-    held = {f"{n}.{key}" for n, layer in new.items() for key, _ in layer.named_buffers()}
+    # the packed buffers (and bias) the new modules hold; a tied head's are aliases
+    held = {f"{n}.{key}" for n, layer in new.items()
+            for key in (*PACKED, *(("bias",) if getattr(layer, "bias", None) is not None else ()))}
     for name in held:
-        del tensors[name]
-    aliases: dict[str, str] = meta["aliases"]
-
-    expected = {n: t for n, t in _named_tensors(model)
-                if not any(n.startswith(f"{c}.") for c in new)}
+        tensors.pop(name, None)
+        aliases.pop(name, None)
+    replaced = {f"{c}.{leaf}" for c in new for leaf in ("weight", "bias")}
+    expected = {n: t for n, t in _named_tensors(model) if n not in replaced}
     missing = sorted(set(expected) - set(tensors) - set(aliases))
     unexpected = sorted((set(tensors) | set(aliases)) - set(expected))
     if missing or unexpected:
@@ -296,7 +316,13 @@ class _SavePretrainedWarning:
 
     def __call__(self, *args, **kwargs):
         warnings.warn(SAVE_PRETRAINED_WARNING, UserWarning, stacklevel=2)
-        return type(self.model).save_pretrained(self.model, *args, **kwargs)
+        try:
+            return type(self.model).save_pretrained(self.model, *args, **kwargs)
+        except RuntimeError as e:
+            if "shared tensors" not in str(e):
+                raise
+            raise RuntimeError(f"{SAVE_PRETRAINED_WARNING} Here transformers refuses as well: a compressed "
+                               "embedding and its tied head share packed tensors it does not know.") from e
 
 
 def warn_on_save_pretrained(model: nn.Module) -> None:

@@ -11,15 +11,15 @@ tr((W - W_hat) H (W - W_hat)^T)`` with ``H = X^T X``. Two steps use ``H``:
   fixed beforehand by the weighted search (act-order visits a group's columns at scattered times;
   choosing them when a group's first column comes measured no better on TinyStories-260K);
 * last, each row's group scales are refit by least squares on the output error for the codes
-  GPTQ chose (:func:`refit_scales`).
+  GPTQ chose and rounded back to the row's scale steps (:func:`refit_steps`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from rs_compile.codec.encode import EncodedWeight, encode, level_table
-from rs_compile.codec.format import num_groups, pack_codes, unpack_codes
+from rs_compile.codec.encode import EncodedWeight, encode, level_values
+from rs_compile.codec.format import Format, pack_codes, pack_groups, unpack_codes, unpack_groups
 
 BLOCK = 128  # columns per lazy GPTQ update: rank-128 updates of the remaining columns
 LLOYD_STEPS = 4  # scale refits per curvature in the group search (calibration-free uses 1, for speed)
@@ -33,10 +33,9 @@ def inverse_factor(h: torch.Tensor) -> torch.Tensor:
 def gptq_encode(
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    bits: int = 4,
-    group_size: int = 64,
-    curvatures: int = 4,
-    curv_step: float = 1.0,
+    fmt: Format = Format(),
+    *,
+    curvatures: int | None = None,
     damp: float = 0.1,
 ) -> EncodedWeight:
     """Encode ``weight[out, in]`` to minimise the output error for inputs with ``hessian = X^T X``."""
@@ -47,21 +46,22 @@ def gptq_encode(
     if not torch.isfinite(hessian).all():
         raise ValueError("the calibration inputs of this layer contain NaN or Inf; check the "
                          "calibration items (and that the model runs them in float32)")
-    start = encode(weight, bits, group_size, curvatures, curv_step,
+    start = encode(weight, fmt, curvatures=curvatures,
                    importance=hessian.diagonal().float().clamp_min(0), lloyd_steps=LLOYD_STEPS)
-    ng = num_groups(k, group_size)
-    table = level_table(bits, curvatures, float(curv_step))
+    ng, g = fmt.num_groups(k), fmt.group_size
+    step, table_index = unpack_groups(start.groups, fmt.bits)
+    unit = start.row_scale.double()
+    levels = level_values(fmt)
     order = torch.argsort(hessian.diagonal(), descending=True, stable=True)
     h = damped(hessian, damp)
     u = inverse_factor(h[order][:, order])
-    codes = feedback_codes(weight, start.scales, start.curv, table, order, u,
-                           unpack_codes(start.codes, bits, group_size).reshape(n, ng * group_size),
-                           group_size)
-    units = table[start.curv.long().unsqueeze(-1), codes.view(n, ng, group_size).long()]  # [n, ng, G]
+    codes = feedback_codes(weight, unit.unsqueeze(-1) * step, table_index, levels, order, u,
+                           unpack_codes(start.codes, fmt.bits, g).reshape(n, ng * g), g)
+    units = levels[table_index.long().unsqueeze(-1), codes.view(n, ng, g).long()]  # [n, ng, G]
     # a second round (GPTQ again with the refit scales, then refit) measured worse on both models
-    scales = refit_scales(weight, units, start.scales, h)
-    return EncodedWeight(pack_codes(codes, bits, group_size), scales, start.curv, bits,
-                         group_size, k, float(curv_step))
+    step = refit_steps(weight, units, step, unit, fmt.max_step, h)
+    return EncodedWeight(pack_codes(codes, fmt.bits, g), pack_groups(step, table_index, fmt.bits),
+                         start.row_scale, fmt, k)
 
 
 def feedback_codes(
@@ -74,7 +74,7 @@ def feedback_codes(
     k = weight.shape[1]
     # per group: level midpoints in the oriented unit (rows ascending) and the scaled levels
     curv = curv.long().T.contiguous()  # [ng, n]
-    scale = scales.double().T.contiguous()
+    scale = scales.T.contiguous()
     mids = ((table[:, 1:] + table[:, :-1]) * 0.5)[curv]  # [ng, n, L-1]
     levels = scale.unsqueeze(-1) * table[curv]  # [ng, n, L]
     inv_scale = 1.0 / torch.where(scale == 0, 1.0, scale)  # scale 0: every level is 0 anyway
@@ -112,16 +112,18 @@ def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return h
 
 
-def refit_scales(
-    weight: torch.Tensor, units: torch.Tensor, scales: torch.Tensor, hessian: torch.Tensor
+def refit_steps(
+    weight: torch.Tensor, units: torch.Tensor, step: torch.Tensor, unit: torch.Tensor,
+    max_step: int, hessian: torch.Tensor,
 ) -> torch.Tensor:
-    """Per row, the group scales minimising ``(w - w_hat) H (w - w_hat)^T`` for fixed codes.
+    """Per row, the group scale steps minimising ``(w - w_hat) H (w - w_hat)^T`` for fixed codes.
 
-    ``w_hat = sum_g s_g l_g`` with ``l_g`` the unit levels of group g (``units[n, ng, G]``), so the
-    optimum solves the ``ng x ng`` system ``A s = b``, ``A_gh = l_g^T H_gh l_h``, ``b_g = l_g^T H w``.
+    ``w_hat = sum_g s_g l_g`` with ``l_g`` the levels of group g (``units[n, ng, G]``) and
+    ``s_g = unit[n] * step[n, g]``; the continuous optimum solves the ``ng x ng`` system
+    ``A s = b``, ``A_gh = l_g^T H_gh l_h``, ``b_g = l_g^T H w``, and is rounded to the row's steps.
     GPTQ chose the codes for scales fitted before the error feedback moved the weights; the refit
-    lowered TinyStories-260K's calibrated KL by 2% (1.445 -> 1.416). Rows whose float16-rounded
-    refit does not lower their error keep their scales.
+    lowered TinyStories-260K's calibrated KL by 2% (1.445 -> 1.416). Rows whose rounded refit
+    does not lower their error keep their steps.
     """
     n, ng, g = units.shape
     k = weight.shape[1]
@@ -137,11 +139,13 @@ def refit_scales(
     # a group of zero levels has a zero row and column: a tiny ridge keeps A invertible (its s -> 0)
     ridge = 1e-12 * a.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-30)
     a.diagonal(dim1=-2, dim2=-1).add_(ridge.unsqueeze(-1))
-    refit = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1).to(torch.float16)
+    refit = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)
+    refit = torch.round(refit / unit.unsqueeze(-1)).clamp(-max_step, max_step)
+    refit = torch.where(torch.isfinite(refit), refit, step.double())
 
     def row_error(s: torch.Tensor) -> torch.Tensor:
-        r = w - (s.double().unsqueeze(-1) * units).view(n, kp)
+        r = w - (unit[:, None, None] * s.double().unsqueeze(-1) * units).view(n, kp)
         return ((r @ h) * r).sum(-1)
 
-    keep = ~(torch.isfinite(refit).all(-1) & (row_error(refit) < row_error(scales)))
-    return torch.where(keep.unsqueeze(-1), scales, refit)
+    better = row_error(refit) < row_error(step)
+    return torch.where(better.unsqueeze(-1), refit.to(torch.int32), step)

@@ -1,21 +1,24 @@
-"""Offline encoder: dense weight -> Poincare codes (calibration-free, or weighted by input energy).
+"""Offline encoder: dense weight -> codes, group bytes and row scales (rs_compile.codec.format).
 
-Per group the encoder picks a curvature and a scale that minimise the group's (optionally
-importance-weighted) squared error. Each group is sorted once; prefix sums of the sorted values
-then give, for any candidate scale, the level counts and sums with one ``searchsorted`` of the
-level midpoints, so a candidate costs a few operations on ``[groups, levels]`` instead of a pass
-over every weight (a full nearest-level pass measured ~10x dearer on this CPU).
+Per group the encoder picks a level table (curvature) and a scale that minimise the group's
+(optionally importance-weighted) squared error, in two stages:
 
-Candidates per group: for every curvature, the scale that just covers the group (absmax rounding,
-the extra level of the asymmetric grid on the absmax side) and its least-squares refit for that
-assignment (one Lloyd step). The kept candidate's error is at most every absmax candidate's, so the
-result is never worse than absmax rounding on the same grid.
+1. continuous scales: for every table, the scale that just covers the group (absmax rounding,
+   the extra level of the asymmetric grid on the absmax side) and its least-squares refits for
+   that assignment (Lloyd steps), keeping the best;
+2. the stored scale is ``row_scale * k`` with an integer step ``|k| <= max_step`` and one bf16
+   ``row_scale`` per row (the row's largest group scale over ``max_step``): for every table the
+   steps around its continuous scale are tried and the (step, table) of least error is kept.
+
+Each group is sorted once; prefix sums of the sorted values then give, for any candidate scale,
+the level counts and sums with one ``searchsorted`` of the level midpoints, so a candidate costs a
+few operations on ``[groups, levels]`` instead of a pass over every weight (a full nearest-level
+pass measured ~10x dearer on this CPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
@@ -24,17 +27,10 @@ import numpy as np
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from rs_compile.codec.format import (
-    check_format,
-    decode_units,
-    decode_weight,
-    group_bytes,
-    log_map_levels,
-    num_groups,
-    pack_codes,
-)
+from rs_compile.codec.format import Format, decode_weight, pack_codes, pack_groups
 
 CHUNK_ELEMENTS = 1 << 18  # weights per chunk: ~10 MB of temporaries per worker thread
+STEP_SPREAD = 2  # steps tried on each side of a table's continuous scale
 T = TypeVar("T")
 
 
@@ -43,23 +39,28 @@ class EncodedWeight:
     """The stored form of one [out, in] weight (see rs_compile.codec.format for the layout)."""
 
     codes: torch.Tensor
-    scales: torch.Tensor
-    curv: torch.Tensor
-    bits: int
-    group_size: int
+    groups: torch.Tensor
+    row_scale: torch.Tensor
+    format: Format
     in_features: int
-    curv_step: float
 
     @property
     def out_features(self) -> int:
         return self.codes.shape[0]
 
+    @property
+    def bits(self) -> int:
+        return self.format.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.format.group_size
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.codes, self.scales, self.curv
+        return self.codes, self.groups, self.row_scale
 
     def meta(self) -> dict:
-        return dict(bits=self.bits, group_size=self.group_size, in_features=self.in_features,
-                    curv_step=self.curv_step)
+        return dict(bits=self.bits, group_size=self.group_size, in_features=self.in_features)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -71,22 +72,9 @@ class EncodedWeight:
         return decode_weight(*self.tensors(), **self.meta())
 
 
-def packed_nbytes(out_features: int, in_features: int, bits: int, group_size: int) -> int:
-    """Bytes an [out, in] weight takes when encoded: codes, float16 scales, uint8 curvatures."""
-    ng = num_groups(in_features, group_size)
-    return out_features * ng * (group_bytes(bits, group_size) + 2 + 1)
-
-
-@functools.lru_cache(maxsize=32)
-def level_table(bits: int, curvatures: int, curv_step: float) -> torch.Tensor:
-    """Levels ``[curvatures, 2**bits]`` (ascending, float64) exactly as decode computes them in fp32."""
-    u = decode_units(torch.arange(2**bits), bits)
-    c = torch.arange(curvatures, dtype=torch.float32) * curv_step
-    return log_map_levels(u, c.unsqueeze(-1)).double()
-
-
-def _fp16(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float16).to(x.dtype)
+def level_values(fmt: Format, curvatures: int | None = None) -> torch.Tensor:
+    """The first ``curvatures`` level tables of ``fmt`` as float64 ``[tables, 2**bits]``."""
+    return fmt.levels()[: curvatures or fmt.tables].double()
 
 
 class SortedGroups:
@@ -121,18 +109,27 @@ class SortedGroups:
             self.energy = torch.einsum("mg,mg->m", wd * d, wd)
 
     def stats(self, scale: torch.Tensor, levels: torch.Tensor):
-        """Nearest-level rounding of every group at ``scale[M]`` on ``levels[M or 1, L]``.
+        """Nearest-level rounding of every group at ``scale[M]`` (or ``[M, C]``: C candidates per
+        group) on ``levels[M or 1, L]``.
 
-        Returns ``num = sum d w l``, ``den = sum d l^2`` (``l`` the assigned levels) and the
-        sorted positions of the level boundaries; the error is ``sum d w^2 - 2 s num + s^2 den``.
+        Returns ``num = sum d w l``, ``den = sum d l^2`` (``l`` the assigned levels; ``[M]`` or
+        ``[M, C]``) and the sorted positions of the level boundaries; the error is
+        ``sum d w^2 - 2 s num + s^2 den``.
         """
-        mids = (levels[:, 1:] + levels[:, :-1]) * 0.5
-        pos = torch.searchsorted(self.sorted, (scale.unsqueeze(-1) * mids).float())
-        top = levels[:, -1]
-        num = top * self.prefix_dw[:, -1] - (self.prefix_dw.gather(-1, pos) * levels.diff(dim=-1)).sum(-1)
-        den = top * top * self.prefix_d[:, -1] - (
-            self.prefix_d.gather(-1, pos) * (levels * levels).diff(dim=-1)).sum(-1)
-        return num, den, pos
+        many = scale.dim() == 2
+        s = scale if many else scale.unsqueeze(-1)  # [M, C]
+        mids = (levels[:, 1:] + levels[:, :-1]) * 0.5  # [M or 1, L-1]
+        bounds = (s.unsqueeze(-1) * mids.unsqueeze(1)).float()  # [M, C, L-1]
+        m, c, _ = bounds.shape
+        pos = torch.searchsorted(self.sorted, bounds.view(m, -1)).view(m, c, -1)
+        top, step, step2 = levels[:, -1:], levels.diff(dim=-1).unsqueeze(1), (levels * levels).diff(dim=-1).unsqueeze(1)
+        gathered_dw = self.prefix_dw.gather(-1, pos.view(m, -1)).view(m, c, -1)
+        gathered_d = self.prefix_d.gather(-1, pos.view(m, -1)).view(m, c, -1)
+        num = top * self.prefix_dw[:, -1:] - (gathered_dw * step).sum(-1)
+        den = top * top * self.prefix_d[:, -1:] - (gathered_d * step2).sum(-1)
+        if many:
+            return num, den, pos
+        return num.squeeze(-1), den.squeeze(-1), pos.squeeze(1)
 
     def codes(self, pos: torch.Tensor) -> torch.Tensor:
         """Level index of every weight, in the original order, from positions of :meth:`stats`."""
@@ -143,39 +140,81 @@ class SortedGroups:
         return torch.empty_like(rank).scatter_(-1, self.order, rank)
 
 
-def fit_scales(
-    groups: SortedGroups, table: torch.Tensor, lloyd_steps: int = 1
+def table_scales(
+    groups: SortedGroups, levels: torch.Tensor, lloyd_steps: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best (scale >= 0, curvature index) per oriented group over the candidates of the module doc,
-    with ``lloyd_steps`` assignment/refit rounds per curvature (more: slower, slightly better)."""
+    """Stage 1: per table, the best continuous scale (>= 0) of every oriented group and its error
+    (both ``[tables, M]``), among the absmax scale and ``lloyd_steps`` assignment/refit rounds
+    (more: slower, slightly better)."""
     hi, lo = groups.sorted[:, -1].double(), groups.sorted[:, 0].double()
-    best_err = groups.energy.clone()  # scale 0: every weight decodes to 0
-    best_scale = torch.zeros_like(best_err)
-    best_curv = torch.zeros_like(best_err, dtype=torch.long)
-    for k, levels in enumerate(table):
-        s = _fp16(torch.maximum(hi / levels[-1], lo / levels[0]))
-        for _ in range(lloyd_steps):
-            num, den, _ = groups.stats(s, levels.unsqueeze(0))
-            refit = _fp16(torch.where(den > 0, num / den.clamp_min(1e-300), s))
+    best, errors = [], []
+    for table in levels:
+        s = torch.maximum(hi / table[-1], lo / table[0])
+        best_s, best_err = s, torch.full_like(s, math.inf)
+        for _ in range(max(1, lloyd_steps)):
+            num, den, _ = groups.stats(s, table.unsqueeze(0))
+            refit = torch.where(den > 0, num / den.clamp_min(1e-300), s)
             for cand in (s, refit):  # errors with the assignment at s: exact for s, a bound for refit
                 err = groups.energy - cand * (2 * num - cand * den)
                 better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_scale = torch.where(better, cand, best_scale)
-                best_curv = torch.where(better, k, best_curv)
+                best_s, best_err = torch.where(better, cand, best_s), torch.where(better, err, best_err)
             s = refit
-    return best_scale, best_curv
+        best.append(best_s)
+        errors.append(best_err)
+    return torch.stack(best), torch.stack(errors)
 
 
-def encode_groups(
-    w: torch.Tensor, table: torch.Tensor, importance: torch.Tensor | None = None,
+def row_scales(scales: torch.Tensor, max_step: int) -> torch.Tensor:
+    """bf16 scale of one step per row, from continuous group scales ``[rows, ngroups]``: the row's
+    largest over ``max_step`` (1 for an all-zero row, whose steps are all 0)."""
+    top = scales.amax(-1)
+    return torch.where(top > 0, top / max_step, torch.ones_like(top)).to(torch.bfloat16)
+
+
+def choose_steps(
+    groups: SortedGroups, levels: torch.Tensor, scales: torch.Tensor, unit: torch.Tensor,
+    max_step: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 2: per group the (step k in 0..max_step, table) of least error with scale ``k * unit``
+    (``unit[M]``: the group's row scale), trying the steps around every table's continuous scale
+    (``scales[tables, M]``; trying only the tables of least continuous error measured up to 1%
+    more error at 4 bits). Returns ``(k, table, positions of the level boundaries)``."""
+    best_err = groups.energy.clone()  # k = 0: every weight decodes to 0
+    best_k = torch.zeros_like(best_err)
+    best_t = torch.zeros_like(best_err, dtype=torch.long)
+    offsets = torch.arange(-STEP_SPREAD, STEP_SPREAD + 1, dtype=torch.float64)
+    for t, table in enumerate(levels):
+        k = (torch.round(scales[t] / unit).unsqueeze(-1) + offsets).clamp(1, max_step)  # [M, C]
+        s = k * unit.unsqueeze(-1)
+        num, den, _ = groups.stats(s, table.unsqueeze(0))
+        err, pick = (groups.energy.unsqueeze(-1) - s * (2 * num - s * den)).min(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_k = torch.where(better, k.gather(-1, pick.unsqueeze(-1)).squeeze(-1), best_k)
+        best_t = torch.where(better, t, best_t)
+    _, _, pos = groups.stats(best_k * unit, levels[best_t])
+    return best_k, best_t, pos
+
+
+def encode_rows(
+    w: torch.Tensor, fmt: Format, levels: torch.Tensor, importance: torch.Tensor | None = None,
     lloyd_steps: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes (int32 ``[M, G]``), signed float16 scales ``[M]`` and uint8 curvatures of ``w[M, G]``."""
-    groups = SortedGroups(w, importance)
-    scale, curv = fit_scales(groups, table, lloyd_steps)
-    _, _, pos = groups.stats(scale, table[curv])
-    return groups.codes(pos), (groups.sign * scale).to(torch.float16), curv.to(torch.uint8)
+    """Codes (int32 ``[rows, Kp]``), group bytes and bf16 row scales of whole rows ``w[rows, Kp]``.
+
+    ``importance`` (``[rows, Kp]`` or None) weights each weight's squared error."""
+    rows, kp = w.shape
+    ng = kp // fmt.group_size
+    flat = w.reshape(-1, fmt.group_size)
+    groups = SortedGroups(flat, None if importance is None else importance.reshape(-1, fmt.group_size))
+    scales, errors = table_scales(groups, levels, lloyd_steps)  # [tables, rows * ng]
+    best = scales.gather(0, errors.argmin(0, keepdim=True)).squeeze(0)
+    row_scale = row_scales(best.view(rows, ng), fmt.max_step)
+    unit = row_scale.double().repeat_interleave(ng)
+    k, table, pos = choose_steps(groups, levels, scales, unit, fmt.max_step)
+    step = (groups.sign * k).to(torch.int32)
+    return (groups.codes(pos).view(rows, kp), pack_groups(step, table, fmt.bits).view(rows, ng),
+            row_scale)
 
 
 def check_weight(weight: torch.Tensor) -> None:
@@ -188,15 +227,13 @@ def check_weight(weight: torch.Tensor) -> None:
 
 
 def check_range(weight: torch.Tensor) -> None:
-    """ValueError for NaN / Inf or float16-overflowing values. One ``aminmax`` pass (NaN propagates):
-    pass a contiguous tensor, a transposed view reduces ~20x slower on this CPU."""
+    """ValueError for NaN / Inf values (any finite float32 magnitude fits the bf16 row scale). One
+    ``aminmax`` pass (NaN propagates): pass a contiguous tensor, a transposed view reduces ~20x
+    slower on this CPU."""
     lo, hi = weight.aminmax() if weight.numel() else (torch.zeros(()), torch.zeros(()))
     amax = max(-float(lo), float(hi))
     if not math.isfinite(amax):
         raise ValueError("weight contains NaN or Inf values; fix or drop them before compressing")
-    if amax > torch.finfo(torch.float16).max:
-        raise ValueError(f"weight magnitude {amax:.3g} exceeds what float16 group scales can hold; "
-                         "rescale the layer (e.g. fold a factor into the next layer) first")
 
 
 def map_chunks(fn: Callable[[int], T], starts: Iterable[int]) -> list[T]:
@@ -220,23 +257,27 @@ def map_chunks(fn: Callable[[int], T], starts: Iterable[int]) -> list[T]:
 
 def encode(
     weight: torch.Tensor,
-    bits: int = 4,
-    group_size: int = 64,
-    curvatures: int = 4,
-    curv_step: float = 1.0,
+    fmt: Format = Format(),
+    *,
+    curvatures: int | None = None,
     importance: torch.Tensor | None = None,
     lloyd_steps: int = 1,
 ) -> EncodedWeight:
-    """Encode a 2-D float weight ``[out, in]`` (nn.Linear layout).
+    """Encode a 2-D float weight ``[out, in]`` (nn.Linear layout) in ``fmt``.
 
-    ``importance`` (``[in]``, >= 0, optional) weights each input's squared error, e.g. the
-    calibration inputs' mean square per feature; without it every weight counts equally.
+    ``curvatures``: how many of the format's level tables groups may choose from (default and at
+    most all the format has; 1 is the fixed-grid ablation). ``importance`` (``[in]``, >= 0, optional) weights each input's
+    squared error, e.g. the calibration inputs' mean square per feature; without it every weight
+    counts equally.
     """
-    check_format(bits, group_size)
     check_weight(weight)
+    if not isinstance(fmt, Format):
+        raise TypeError(f"encode takes a Format, got {fmt!r}; e.g. encode(w, Format(bits=4, group_size=32))")
+    if curvatures is not None and curvatures < 1:
+        raise ValueError(f"curvatures={curvatures!r} is invalid; at least one level table is needed")
     n, k = weight.shape
-    ng = num_groups(k, group_size)
-    kp = ng * group_size
+    ng = fmt.num_groups(k)
+    kp = ng * fmt.group_size
     w = torch.nn.functional.pad(weight.detach().to("cpu", torch.float32), (0, kp - k)).contiguous()
     check_range(w)
     d = None
@@ -245,46 +286,36 @@ def encode(
             raise ValueError(f"importance must be a finite, non-negative [in_features={k}] tensor, got "
                              f"shape {tuple(importance.shape)}")
         d = torch.nn.functional.pad(importance.detach().to("cpu", torch.float32), (0, kp - k))
-    table = level_table(bits, curvatures, float(curv_step))
+    levels = level_values(fmt, curvatures)
     workers = torch.get_num_threads()  # chunks: a multiple of the workers, so none idles at the end
     chunks = workers * max(1, -(-n * kp // (CHUNK_ELEMENTS * workers)))
     rows = max(1, -(-n // chunks))
 
-    def encode_rows(r0: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode_chunk(r0: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         chunk = w[r0 : r0 + rows]
-        m = chunk.shape[0]
-        imp = None if d is None else d.expand(m, kp).reshape(-1, group_size)
-        q, s, c = encode_groups(chunk.reshape(-1, group_size), table, imp, lloyd_steps)
-        return pack_codes(q.view(m, kp), bits, group_size), s.view(m, ng), c.view(m, ng)
+        imp = None if d is None else d.expand(chunk.shape[0], kp)
+        q, groups, row_scale = encode_rows(chunk, fmt, levels, imp, lloyd_steps)
+        return pack_codes(q, fmt.bits, fmt.group_size), groups, row_scale
 
-    codes, scales, curv = zip(*map_chunks(encode_rows, range(0, n, rows)))
-    return EncodedWeight(
-        codes=torch.cat(codes),
-        scales=torch.cat(scales),
-        curv=torch.cat(curv),
-        bits=bits,
-        group_size=group_size,
-        in_features=k,
-        curv_step=float(curv_step),
-    )
+    codes, groups, row_scale = zip(*map_chunks(encode_chunk, range(0, n, rows)))
+    return EncodedWeight(torch.cat(codes), torch.cat(groups), torch.cat(row_scale), fmt, k)
 
 
 _cache = WeakIdKeyDictionary()
 
 
-def encode_parameter(param: torch.Tensor, stored_in_out: bool, config) -> EncodedWeight:
+def encode_parameter(param: torch.Tensor, stored_in_out: bool, fmt: Format,
+                     curvatures: int | None = None) -> EncodedWeight:
     """Encode a module parameter, reusing the result across recompiles of the same weights.
 
     Dynamo recompiles (a new sequence length, a graph break) hand the backend the same
     parameters again; the cache is keyed on the tensor object, its in-place version counter and
     the codec settings, so an updated weight is always re-encoded.
     """
-    key = (param._version, stored_in_out, config.bits, config.group_size, config.curvatures,
-           config.curv_step)
+    key = (param._version, stored_in_out, fmt, curvatures)
     entry = _cache.setdefault(param, {})
     if key not in entry:
         w = param.detach()
         entry.clear()
-        entry[key] = encode(w.t() if stored_in_out else w, config.bits, config.group_size,
-                            config.curvatures, config.curv_step)
+        entry[key] = encode(w.t() if stored_in_out else w, fmt, curvatures=curvatures)
     return entry[key]

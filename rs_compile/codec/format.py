@@ -1,81 +1,133 @@
-"""The packed Poincare-code layout and its closed-form decode.
+"""The stored weight format: the single definition of what the bytes mean.
 
-This module is the single definition of what the stored bytes mean. The CPU reference op, the
-Inductor decomposition and save/load all call these functions; the Triton kernel re-states the
-same arithmetic and is tested against them.
+Every consumer takes its constants from here: the CPU reference op and the Inductor lowering call
+these functions, and the C++ and Triton kernels receive :meth:`Format.levels` as an argument rather
+than restating the tables.
 
-Layout of one weight ``W[N, K]`` (nn.Linear orientation, out x in), ``K`` zero-padded to
-``Kp = ngroups * group_size``:
+One weight ``W[N, K]`` (nn.Linear orientation, out x in), ``K`` zero-padded to
+``Kp = ngroups * group_size``, is stored as three tensors (:meth:`Format.packed_specs`):
 
-* ``codes``  uint8 ``[N, ngroups * group_size * bits // 8]``: each group's codes are split into
-  bit planes of power-of-two widths (4 -> [4], 8 -> [8], 2 -> [2], 3 -> [2, 1]). A plane of width
-  ``w`` holds ``8 // w`` codes per byte *planar* within the group: byte ``b`` of the plane carries
-  codes ``b, b + B, b + 2B, ...`` (``B = group_size * w // 8``) at bit offsets ``0, w, 2w, ...``.
-  Unpacking is then shifts of contiguous byte runs, which vectorises (no per-element gather).
-* ``scales`` float16 ``[N, ngroups]``: per-group scale (may be negative, see the encoder).
-* ``curv``   uint8 ``[N, ngroups]``: per-group curvature index ``i``; the curvature is
-  ``c = i * curv_step``.
+* ``codes``     uint8 ``[N, ngroups * group_size * bits // 8]``: each group's codes split into bit
+  planes of power-of-two widths (:data:`PLANES`, e.g. 5 -> [4, 1]). A plane of width ``w`` holds
+  ``8 // w`` codes per byte *planar* within the group: byte ``b`` of the plane carries codes
+  ``b, b + B, b + 2B, ...`` (``B = group_size * w // 8``) at bit offsets ``0, w, 2w, ...``, so
+  unpacking is shifts of contiguous byte runs (4 bits: low nibbles are the first half of a group,
+  high nibbles the second).
+* ``groups``    uint8 ``[N, ngroups]``: one byte per group holding a signed integer *scale step*
+  ``k`` and, for widths with several level tables, the table (curvature) index ``c``:
+  ``byte = (k << CURVATURE_BITS) | c`` in two's complement, i.e. ``k = int8(byte) >> 2`` and
+  ``c = byte & 3`` (8-bit codes have one table, so ``k = int8(byte)``).
+* ``row_scale`` bfloat16 ``[N]``: the scale of one step.
 
-Decode of a code ``q`` in ``[0, L)`` with ``L = 2**bits``::
+Decode of code ``q`` in group ``g`` of row ``n``::
 
-    u = (q - zero) / half                  uniform coordinate in the ball (zero = half = L/2 - 1)
-    w = scale * u * (1 + (c / 3) * u**2)
+    w = row_scale[n] * k[n, g] * LEVELS[bits][c[n, g], q]
 
-The grid is asymmetric with an exact zero: ``u`` runs over ``-1, ..., 0, ..., 1, 1 + 1/half``
-(for 4 bits: 7 levels below zero, 8 above). The sign of the scale chooses which side of a group
-gets the extra level, and exact zeros (padding, pruned weights) decode to zero. On all linears of
-MiniLM and TinyStories-260K this grid lowers the encoder's error ~8% below the symmetric
-``zero = half = (L-1)/2`` grid, whose worst layer lost to NF4 (docs/fidelity.md).
+with ``LEVELS`` the int8 tables of :func:`level_table`. ``k * LEVELS`` is an integer below 2**14
+and ``row_scale`` has 8 significant bits, so every decoded weight is exact in float32: decode is
+bit-identical whatever order a kernel multiplies in.
 
-``u * (1 + c u^2 / 3)`` is the third-order expansion at the origin of the Poincare ball's
-logarithmic map ``atanh(sqrt(c) u) / sqrt(c)``: levels uniform in the ball come out dense near zero,
-where trained weights live, and the decode stays two multiply-adds (a transcendental or a table
-gather per element measured several times slower on this CPU).
+The level tables. For ``bits <= 5`` table ``c`` (curvature ``c = 0, 1, 2, 3``) holds, for
+``u = (q - h) / h`` (``h = 2**(bits-1) - 1``: ``u`` runs uniformly over ``-1 .. 1 + 1/h`` with an
+exact zero), the cubic ``f_c(u) = u (1 + c u^2 / 3)`` scaled so its top level is 127 and rounded
+to the nearest integer. ``u (1 + c u^2 / 3)`` is the third-order expansion at the origin of the
+Poincare ball's logarithmic map ``atanh(sqrt(c) u) / sqrt(c)``; it is *not* that map (which
+diverges at the ball's edge), and the tables are its int8 rounding. Levels uniform in the ball
+come out denser near zero as ``c`` grows, and each group picks the table that fits it best. The
+grid is asymmetric (one more level above zero than below); the sign of ``k`` puts the extra level
+on the side of the group's largest magnitude. 8-bit codes use one uniform table, ``q - 128``.
+
+Why this shape (measured on Gemma-3-270M, docs/fidelity.md): groups of 32 with a per-group table
+choice halve the next-token KL of one fixed table; 6-bit scale steps on a per-row bf16 scale cost
+~2% KL against float32 group scales, at 8 + 16/K bits per group instead of 32 + 2; int8 levels
+let CPU kernels multiply with int8 dot-product instructions.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}
+SUPPORTED_BITS = (2, 3, 4, 5, 8)
+PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 8: (8,)}
+CURVATURES = (0, 1, 2, 3)  # the curvature of level table c, for widths below 8 bits
+CURVATURE_BITS = 2  # bits of a group byte holding the table index (widths below 8 bits)
+TOP_LEVEL = 127
 
 
-def group_bytes(bits: int, group_size: int) -> int:
-    return group_size * bits // 8
+@functools.cache
+def _levels(bits: int) -> tuple[tuple[int, ...], ...]:
+    if bits == 8:
+        return (tuple(range(-128, 128)),)
+    half = 2 ** (bits - 1) - 1
+    u = (torch.arange(2**bits, dtype=torch.float64) - half) / half
+    c = torch.tensor(CURVATURES, dtype=torch.float64).unsqueeze(-1)
+    f = u * (1 + c * u * u / 3)
+    return tuple(map(tuple, torch.floor(TOP_LEVEL * f / f[:, -1:] + 0.5).long().tolist()))
 
 
-def num_groups(in_features: int, group_size: int) -> int:
-    return -(-in_features // group_size)
+def level_table(bits: int, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """The levels ``[tables, 2**bits]`` (ascending per table) of the module doc, int8 by default.
+
+    A new tensor per call (a constant of the traced graph when called under tracing or fake
+    tensors, where a cached real tensor would not be allowed)."""
+    return torch.tensor(_levels(bits), dtype=dtype, device=device)
 
 
-def packed_specs(
-    bits: int, group_size: int, out_features: int, in_features: int
-) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of the tensors one ``[out_features, in_features]`` weight is stored
-    as (the layout above). CompressedLinear's buffers, save/load and the op's input checks all take
-    the packed tensors' names, shapes and dtypes from here."""
-    ng = num_groups(in_features, group_size)
-    return {"codes": ((out_features, ng * group_bytes(bits, group_size)), torch.uint8),
-            "scales": ((out_features, ng), torch.float16),
-            "curv": ((out_features, ng), torch.uint8)}
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """Code width and group size: everything the bytes of a weight depend on."""
 
+    bits: int = 4
+    group_size: int = 32
 
-def check_format(bits: int, group_size: int) -> None:
-    """Raise ValueError for a (bits, group_size) pair the layout cannot hold."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits!r} is not supported; valid values are {SUPPORTED_BITS}")
-    if not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
-        raise ValueError(
-            f"group_size={group_size!r} is invalid; it must be a positive multiple of 8 "
-            "(every bit plane of a group must fill whole bytes)"
-        )
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits!r} is not supported; valid values are {SUPPORTED_BITS}")
+        if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 8:
+            raise ValueError(
+                f"group_size={self.group_size!r} is invalid; it must be a positive multiple of 8 "
+                "(every bit plane of a group must fill whole bytes)"
+            )
 
+    @property
+    def curvature_bits(self) -> int:
+        return 0 if self.bits == 8 else CURVATURE_BITS
 
-def unit_params(bits: int) -> tuple[float, float]:
-    """(zero, half) such that u = (q - zero) / half runs uniformly over [-1, 1 + 1/half]."""
-    half = float(2 ** (bits - 1) - 1)
-    return half, half
+    @property
+    def tables(self) -> int:
+        """How many level tables (curvatures) a group can choose from."""
+        return 1 if self.bits == 8 else len(CURVATURES)
+
+    @property
+    def max_step(self) -> int:
+        """Largest |k| the encoder uses (the byte also holds -max_step - 1, left unused)."""
+        return 2 ** (7 - self.curvature_bits) - 1
+
+    @property
+    def group_bytes(self) -> int:
+        return self.group_size * self.bits // 8
+
+    def levels(self) -> torch.Tensor:
+        return level_table(self.bits)
+
+    def num_groups(self, in_features: int) -> int:
+        return -(-in_features // self.group_size)
+
+    def packed_specs(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of the tensors one ``[out, in]`` weight is stored as."""
+        ng = self.num_groups(in_features)
+        return {"codes": ((out_features, ng * self.group_bytes), torch.uint8),
+                "groups": ((out_features, ng), torch.uint8),
+                "row_scale": ((out_features,), torch.bfloat16)}
+
+    def nbytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of the packed tensors of one ``[out, in]`` weight (what is actually stored)."""
+        return sum(torch.Size(shape).numel() * dtype.itemsize
+                   for shape, dtype in self.packed_specs(out_features, in_features).values())
 
 
 def pack_codes(q: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -96,7 +148,7 @@ def pack_codes(q: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 def unpack_codes(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: uint8 ``[N, ng*G*bits/8]`` -> int32 codes ``[N, ng, G]``."""
     n = codes.shape[0]
-    g = codes.view(n, -1, group_bytes(bits, group_size)).to(torch.int32)
+    g = codes.view(n, -1, group_size * bits // 8).to(torch.int32)
     q, start, low = None, 0, 0
     for w in PLANES[bits]:
         per_byte, nbytes = 8 // w, group_size * w // 8
@@ -110,40 +162,40 @@ def unpack_codes(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tenso
     return q
 
 
-def decode_units(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes -> uniform ball coordinates u in [-1, 1] (float32)."""
-    zero, half = unit_params(bits)
-    return (q.to(torch.float32) - zero) * (1.0 / half)
+def pack_groups(step: torch.Tensor, table: torch.Tensor, bits: int) -> torch.Tensor:
+    """Group bytes from integer scale steps and table indices (module doc)."""
+    shift = Format(bits).curvature_bits
+    return ((step.to(torch.int32) << shift) | table.to(torch.int32)).to(torch.uint8)
 
 
-def log_map_levels(u: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
-    """The truncated log map u * (1 + c u^2 / 3), broadcast over u."""
-    return u * (1.0 + curvature * (1.0 / 3.0) * u * u)
+def unpack_groups(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k, c)`` int32 tensors shaped like ``groups``: signed scale steps and table indices."""
+    shift = Format(bits).curvature_bits
+    byte = groups.view(torch.int8).to(torch.int32)
+    return byte >> shift, byte & ((1 << shift) - 1)
 
 
 def decode_groups(
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    curv: torch.Tensor,
-    bits: int,
-    group_size: int,
-    curv_step: float,
+    codes: torch.Tensor, groups: torch.Tensor, row_scale: torch.Tensor, bits: int, group_size: int
 ) -> torch.Tensor:
-    """Decode the packed layout to float32 ``[N, ngroups, group_size]``."""
-    u = decode_units(unpack_codes(codes, bits, group_size), bits)
-    c = (curv.to(torch.float32) * curv_step).unsqueeze(-1)
-    return scales.to(torch.float32).unsqueeze(-1) * log_map_levels(u, c)
+    """Decode the packed tensors to float32 ``[N, ngroups, group_size]``."""
+    q = unpack_codes(codes, bits, group_size)
+    k, c = unpack_groups(groups, bits)
+    table = level_table(bits, codes.device, torch.float32)
+    levels = table.view(-1)[(c << bits).unsqueeze(-1) + q]
+    return row_scale.to(torch.float32)[:, None, None] * k.to(torch.float32).unsqueeze(-1) * levels
 
 
 def decode_weight(
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    curv: torch.Tensor,
-    bits: int,
-    group_size: int,
+    codes: torch.Tensor, groups: torch.Tensor, row_scale: torch.Tensor, bits: int, group_size: int,
     in_features: int,
-    curv_step: float,
 ) -> torch.Tensor:
-    """Dense float32 weight ``[N, in_features]`` that the codes represent."""
-    w = decode_groups(codes, scales, curv, bits, group_size, curv_step)
+    """Dense float32 weight ``[N, in_features]`` that the packed tensors represent."""
+    w = decode_groups(codes, groups, row_scale, bits, group_size)
     return w.reshape(w.shape[0], -1)[:, :in_features]
+
+
+def check_format(bits: int, group_size: int) -> None:
+    """Raise ValueError for a (bits, group_size) pair the layout cannot hold."""
+    Format(bits, group_size)
+

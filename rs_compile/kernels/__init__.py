@@ -13,9 +13,9 @@ def register_triton_kernels() -> bool:
     if not triton_driver_active():
         return False
     from rs_compile.kernels.triton_attention import triton_attention
-    from rs_compile.kernels.triton_linear import triton_poincare_linear
+    from rs_compile.kernels.triton_linear import triton_linear
 
-    register_cuda_kernel("rs::poincare_linear", triton_poincare_linear)
+    register_cuda_kernel("rs::linear", triton_linear)
     register_cuda_kernel("rs::attention", triton_attention)
     return True
 

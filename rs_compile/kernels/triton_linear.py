@@ -1,4 +1,4 @@
-"""Triton kernel for ``rs::poincare_linear``: unpack + decode fused into the matmul.
+"""Triton kernel for ``rs::linear``: unpack + decode fused into the matmul.
 
 Each program owns a ``[BLOCK_M, BLOCK_N]`` output tile and walks K in ``BLOCK_K`` steps. Every
 step decodes its ``[BLOCK_N, BLOCK_K]`` weight tile in registers straight from the code bytes
@@ -10,7 +10,9 @@ Unpacking addresses each weight by its own (group, position) pair, so BLOCK_K ne
 In the planar layout of ``rs_compile.codec.format``, code ``j`` of a plane of width ``w`` sits in
 byte ``j % B`` of that plane at bit ``(j // B) * w`` (``B = group_size * w // 8``): one shift and
 one mask per plane.
-The decode arithmetic re-states ``format.decode_groups`` in the same fp32 order.
+The decode reads the format's level tables (``Format.levels()``, passed as a tensor) and its group
+bytes; every decoded weight is exact in fp32 (rs_compile.codec.format), so it equals
+``format.decode_groups`` bit for bit.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import triton
 import triton.language as tl
 
 from rs_compile.codec.activations import quantize_activations
-from rs_compile.codec.format import PLANES, group_bytes, unit_params
+from rs_compile.codec.format import PLANES, Format
 from rs_compile.ops.linear import check_inputs
 
 DOT_MIN_ROWS = 16  # tl.dot needs M >= 16; fewer rows use a broadcast multiply + sum instead
@@ -35,11 +37,10 @@ def _plane(row_ptrs, j, mask, START: tl.constexpr, W: tl.constexpr, G: tl.conste
 
 
 @triton.jit
-def _poincare_linear_kernel(
-    x_ptr, codes_ptr, scales_ptr, curv_ptr, bias_ptr, y_ptr,
-    M, N, K, stride_xm, stride_xk, stride_cn, stride_sn, stride_vn, stride_ym,
-    curv_step,
-    ZERO: tl.constexpr, INV_HALF: tl.constexpr,
+def _linear_kernel(
+    x_ptr, codes_ptr, groups_ptr, row_scale_ptr, levels_ptr, bias_ptr, y_ptr,
+    M, N, K, stride_xm, stride_xk, stride_cn, stride_gn, stride_ym,
+    BITS: tl.constexpr, CURV_BITS: tl.constexpr,
     G: tl.constexpr, GROUP_BYTES: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -48,6 +49,7 @@ def _poincare_linear_kernel(
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
+    row_scale = tl.load(row_scale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -61,11 +63,12 @@ def _poincare_linear_kernel(
         q = _plane(group_ptrs, j, w_ok, 0, W0, G)
         if W1 > 0:
             q |= _plane(group_ptrs, j, w_ok, G * W0 // 8, W1, G) << W0
-        scale = tl.load(scales_ptr + rn[:, None] * stride_sn + g, mask=w_ok, other=0.0)
-        c = tl.load(curv_ptr + rn[:, None] * stride_vn + g, mask=w_ok, other=0).to(tl.float32)
-        u = (q.to(tl.float32) - ZERO) * INV_HALF
-        c = c * curv_step
-        w = scale.to(tl.float32) * (u * (1.0 + c * (1.0 / 3.0) * u * u))
+        byte = tl.load(groups_ptr + rn[:, None] * stride_gn + g, mask=w_ok, other=0)
+        byte = byte.to(tl.int8, bitcast=True).to(tl.int32)
+        step = byte >> CURV_BITS
+        table = byte & ((1 << CURV_BITS) - 1)
+        level = tl.load(levels_ptr + (table << BITS) + q, mask=w_ok, other=0).to(tl.float32)
+        w = row_scale[:, None] * step.to(tl.float32) * level
         w = w.to(x.dtype)  # the reference rounds the decoded weight to x's dtype too
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")  # as torch: no TF32
@@ -84,42 +87,41 @@ def _blocks(m: int) -> tuple[int, int, int]:
     return min(64, triton.next_power_of_2(m)), 64, 32
 
 
-def triton_poincare_linear(
+def triton_linear(
     x: torch.Tensor,
     codes: torch.Tensor,
-    scales: torch.Tensor,
-    curv: torch.Tensor,
+    groups: torch.Tensor,
+    row_scale: torch.Tensor,
     bias: torch.Tensor | None,
     bits: int,
     group_size: int,
     in_features: int,
-    curv_step: float,
     act_bits: int = 0,
 ) -> torch.Tensor:
-    """Same contract as ``torch.ops.rs.poincare_linear``; leading dims of x are flattened."""
-    check_inputs(x, codes, scales, curv, bias, bits, group_size, in_features, act_bits)
+    """Same contract as ``torch.ops.rs.linear``; leading dims of x are flattened."""
+    check_inputs(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits)
     if act_bits:
         x = quantize_activations(x, group_size)
     planes = PLANES[bits]
     if len(planes) > 2:
         raise NotImplementedError(f"the Triton kernel unpacks at most 2 bit planes, bits={bits}")
     x2 = x.reshape(-1, in_features)
-    codes, scales, curv = codes.contiguous(), scales.contiguous(), curv.contiguous()  # unit columns
+    codes, groups = codes.contiguous(), groups.contiguous()  # unit columns
     m, n = x2.shape[0], codes.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*x.shape[:-1], n)
-    zero, half = unit_params(bits)
+    fmt = Format(bits, group_size)
+    levels = fmt.levels().to(x.device)
     bias = None if bias is None else bias.to(x.dtype)  # the reference adds bias in x's dtype
     block_m, block_n, block_k = _blocks(m)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _poincare_linear_kernel[grid](
-        x2, codes, scales, curv, bias, y,
-        m, n, in_features, x2.stride(0), x2.stride(1), codes.stride(0), scales.stride(0),
-        curv.stride(0), y.stride(0),
-        float(curv_step),
-        ZERO=float(zero), INV_HALF=1.0 / half,
-        G=group_size, GROUP_BYTES=group_bytes(bits, group_size),
+    _linear_kernel[grid](
+        x2, codes, groups, row_scale, levels, bias, y,
+        m, n, in_features, x2.stride(0), x2.stride(1), codes.stride(0), groups.stride(0),
+        y.stride(0),
+        BITS=bits, CURV_BITS=fmt.curvature_bits,
+        G=group_size, GROUP_BYTES=fmt.group_bytes,
         W0=planes[0], W1=planes[1] if len(planes) > 1 else 0,
         HAS_BIAS=bias is not None, USE_DOT=m >= DOT_MIN_ROWS,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -1,5 +1,5 @@
 """torch.library custom ops of rs_compile (namespace ``rs``)."""
 
-from rs_compile.ops.linear import poincare_linear
+from rs_compile.ops.linear import linear
 
-__all__ = ["poincare_linear"]
+__all__ = ["linear"]

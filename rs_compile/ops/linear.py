@@ -1,9 +1,10 @@
-"""``rs::poincare_linear``: y = x @ decode(codes).T + bias, as a torch.library custom op.
+"""``rs::linear``: y = x @ decode(codes, groups, row_scale).T + bias, as a torch.library custom op.
 
-The CPU reference decodes the whole weight then calls F.linear; Inductor replaces it with a fused
-kernel (rs_compile.lowering.linear) and CUDA with a Triton kernel (rs_compile.kernels).
-With ``act_bits=8`` x is first rounded to int8 per group (rs_compile.codec.activations), which
-lets the CPU decode path multiply in integers (W4A8).
+A Euclidean matmul whose weight is stored in the codec's format (rs_compile.codec.format). The CPU
+reference decodes the whole weight then calls F.linear; Inductor lowers it to the hand-written CPU
+kernel for few rows or to decode-then-GEMM (rs_compile.lowering.linear), CUDA to a Triton kernel
+(rs_compile.kernels). With ``act_bits=8`` x is first rounded to int8 per group
+(rs_compile.codec.activations), which lets CPU kernels multiply in integers (W4A8).
 The weight is frozen: autograd flows to ``x`` only (straight through the activation rounding).
 """
 
@@ -13,79 +14,80 @@ import torch
 import torch.nn.functional as F
 
 from rs_compile.codec.activations import ACT_BITS, quantize_activations
-from rs_compile.codec.format import decode_weight, packed_specs
+from rs_compile.codec.format import Format, decode_weight
 
 
-def check_inputs(x, codes, scales, curv, bias, bits, group_size, in_features, act_bits=0) -> None:
+def check_packed(codes, groups, row_scale, bits, group_size, in_features) -> None:
+    """ValueError/TypeError unless the packed tensors are exactly what the format stores for a
+    weight with ``in_features`` inputs (checked before any kernel reads them)."""
+    fmt = Format(bits, group_size)
+    expected = fmt.packed_specs(codes.shape[0] if codes.dim() else 0, in_features)
+    for name, t in zip(("codes", "groups", "row_scale"), (codes, groups, row_scale)):
+        shape, dtype = expected[name]
+        if t.dtype != dtype:
+            raise TypeError(f"rs::linear: {name} must be {dtype}, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"rs::linear: {name} has shape {tuple(t.shape)}, but {bits}-bit codes in groups of "
+                f"{group_size} for in_features={in_features} are stored as {shape}"
+            )
+
+
+def check_inputs(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits=0) -> None:
     """Validate shapes and dtypes before any kernel runs (clear errors, never a crash inside one)."""
     if act_bits not in ACT_BITS:
-        raise ValueError(f"rs::poincare_linear: act_bits={act_bits!r} is not supported; valid "
-                         f"values are {ACT_BITS} (0 keeps float activations)")
+        raise ValueError(f"rs::linear: act_bits={act_bits!r} is not supported; valid values are "
+                         f"{ACT_BITS} (0 keeps float activations)")
     if not x.is_floating_point():
-        raise TypeError(f"rs::poincare_linear: x must be floating point, got {x.dtype}")
+        raise TypeError(f"rs::linear: x must be floating point, got {x.dtype}")
     if x.shape[-1] != in_features:
-        raise ValueError(
-            f"rs::poincare_linear: x has {x.shape[-1]} features but the layer expects {in_features}"
-        )
-    n = codes.shape[0]
-    specs = packed_specs(bits, group_size, n, in_features)
-    packed = dict(zip(specs, (codes, scales, curv)))
-    if any(t.dtype != specs[k][1] for k, t in packed.items()):
-        raise TypeError("rs::poincare_linear: expected " + ", ".join(
-            f"{k} {dtype}" for k, (_, dtype) in specs.items()) + "; got " + ", ".join(
-            f"{k} {t.dtype}" for k, t in packed.items()))
-    if any(tuple(t.shape) != specs[k][0] for k, t in packed.items()):
-        raise ValueError(
-            f"rs::poincare_linear: bits={bits}, group_size={group_size}, in_features={in_features} "
-            "store " + ", ".join(f"{k} {list(shape)}" for k, (shape, _) in specs.items()) + "; got "
-            + ", ".join(f"{k} {list(t.shape)}" for k, t in packed.items())
-        )
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"rs::poincare_linear: bias shape {tuple(bias.shape)} != ({n},)")
+        raise ValueError(f"rs::linear: x has {x.shape[-1]} features but the layer expects {in_features}")
+    check_packed(codes, groups, row_scale, bits, group_size, in_features)
+    if bias is not None and tuple(bias.shape) != (codes.shape[0],):
+        raise ValueError(f"rs::linear: bias shape {tuple(bias.shape)} != ({codes.shape[0]},)")
 
 
-@torch.library.custom_op("rs::poincare_linear", mutates_args=())
-def poincare_linear(
+@torch.library.custom_op("rs::linear", mutates_args=())
+def linear(
     x: torch.Tensor,
     codes: torch.Tensor,
-    scales: torch.Tensor,
-    curv: torch.Tensor,
+    groups: torch.Tensor,
+    row_scale: torch.Tensor,
     bias: torch.Tensor | None,
     bits: int,
     group_size: int,
     in_features: int,
-    curv_step: float,
     act_bits: int = 0,
 ) -> torch.Tensor:
-    check_inputs(x, codes, scales, curv, bias, bits, group_size, in_features, act_bits)
+    check_inputs(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits)
     if act_bits:
         x = quantize_activations(x, group_size)
-    w = decode_weight(codes, scales, curv, bits, group_size, in_features, curv_step)
+    w = decode_weight(codes, groups, row_scale, bits, group_size, in_features)
     b = None if bias is None else bias.to(x.dtype)
     return F.linear(x, w.to(x.dtype), b).contiguous()
 
 
-@poincare_linear.register_fake
-def _(x, codes, scales, curv, bias, bits, group_size, in_features, curv_step, act_bits=0):
+@linear.register_fake
+def _(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits=0):
     from rs_compile.lowering import install_lowerings  # imports this module
 
     install_lowerings()  # a graph holding the op is being traced: Inductor may compile it next
-    check_inputs(x, codes, scales, curv, bias, bits, group_size, in_features, act_bits)
+    check_inputs(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits)
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, codes, scales, curv, _bias, bits, group_size, in_features, curv_step = inputs[:9]
-    ctx.save_for_backward(codes, scales, curv)
-    ctx.meta = (bits, group_size, in_features, curv_step)
+    x, codes, groups, row_scale, _bias, bits, group_size, in_features = inputs[:8]
+    ctx.save_for_backward(codes, groups, row_scale)
+    ctx.meta = (bits, group_size, in_features)
     ctx.x_dtype = x.dtype
 
 
 def _backward(ctx, grad):
-    codes, scales, curv = ctx.saved_tensors
-    w = decode_weight(codes, scales, curv, *ctx.meta).to(grad.dtype)
+    codes, groups, row_scale = ctx.saved_tensors
+    w = decode_weight(codes, groups, row_scale, *ctx.meta).to(grad.dtype)
     grad_x = (grad @ w).to(ctx.x_dtype)
-    return grad_x, None, None, None, None, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None, None, None
 
 
-poincare_linear.register_autograd(_backward, setup_context=_setup_context)
+linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,4 +1,4 @@
-"""Find Linear patterns in a dynamo FX graph and rewrite them into ``rs::poincare_linear``.
+"""Find Linear patterns in a dynamo FX graph and rewrite them into ``rs::linear``.
 
 Patterns (W is a parameter, possibly reached through a transpose):
   linear(x, W, b) / F.linear           W stored [out, in]
@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from rs_compile.codec.encode import encode_parameter
+from rs_compile.modules import PACKED
 from rs_compile.report import LinearRewrite, Report, module_name
 
 LINEAR = {torch._C._nn.linear, F.linear}
@@ -190,7 +191,7 @@ def act_bits_kwargs(config) -> dict:
 
 def compress_linears(rw, config, report: Report) -> int:
     """Rewrite every matched linear of ``rw`` (a GraphRewrite); returns the number rewritten."""
-    from rs_compile.ops.linear import poincare_linear  # noqa: F401  (registers rs::poincare_linear)
+    from rs_compile.ops.linear import linear  # noqa: F401  (registers rs::linear)
 
     graph = rw.gm.graph
     matches = [m for n in list(graph.nodes) if (m := match_linear(n, rw.value_of, rw.gm))]
@@ -214,9 +215,9 @@ def compress_linears(rw, config, report: Report) -> int:
                 report.skip(name, reason)
                 encoded[m.weight] = None
                 continue
-            enc = encode_parameter(w, m.stored_in_out, config)
+            enc = encode_parameter(w, m.stored_in_out, config.format, config.curvatures)
             nodes = tuple(rw.add_input(f"{input_tag(name)}_{kind}", t) for kind, t in
-                          zip(("codes", "scales", "curv"), enc.tensors()))
+                          zip(PACKED, enc.tensors()))
             encoded[m.weight] = (enc, nodes)
         if encoded[m.weight] is None:
             continue
@@ -226,8 +227,8 @@ def compress_linears(rw, config, report: Report) -> int:
             bias = rw.add_input(input_tag(name) + "_bias", rw.gm.get_submodule(m.node.target).bias)
         with graph.inserting_before(m.node):
             new = graph.call_function(
-                torch.ops.rs.poincare_linear.default,
-                (m.x, *nodes, bias, enc.bits, enc.group_size, enc.in_features, enc.curv_step),
+                torch.ops.rs.linear.default,
+                (m.x, *nodes, bias, enc.bits, enc.group_size, enc.in_features),
                 act_bits_kwargs(config),
             )
         new.meta.update({k: v for k, v in m.node.meta.items() if k != "example_value"})

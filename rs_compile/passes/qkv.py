@@ -1,4 +1,4 @@
-"""Fuse the q, k, v projections of one attention into a single ``rs::poincare_linear``.
+"""Fuse the q, k, v projections of one attention into a single ``rs::linear``.
 
 BERT and Llama project the same hidden state three times; one op over the concatenated codes
 reads the activations once and launches one GEMM/GEMV instead of three. The fused output is
@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from rs_compile.codec.encode import encode_parameter
+from rs_compile.modules import PACKED
 from rs_compile.passes.linear import (
     act_bits_kwargs,
     LinearMatch,
@@ -58,11 +59,12 @@ def _skip_reason(rw, config, m: LinearMatch) -> str | None:
 
 def _fuse(rw, config, group: list[LinearMatch], report: Report) -> None:
     graph = rw.gm.graph
-    encs = [encode_parameter(rw.value_of(m.weight), m.stored_in_out, config) for m in group]
+    encs = [encode_parameter(rw.value_of(m.weight), m.stored_in_out, config.format, config.curvatures)
+            for m in group]
     sizes = [e.out_features for e in encs]
     tag = "_".join(filter(None, (input_tag(_parent(group[0].node)), "qkv")))
     packed = [torch.cat(ts) for ts in zip(*(e.tensors() for e in encs))]
-    nodes = [rw.add_input(f"{tag}_{kind}", t) for kind, t in zip(("codes", "scales", "curv"), packed)]
+    nodes = [rw.add_input(f"{tag}_{kind}", t) for kind, t in zip(PACKED, packed)]
     bias = None
     if any(m.bias is not None for m in group):
         values = [rw.value_of(m.bias).detach() if m.bias is not None else None for m in group]
@@ -74,8 +76,8 @@ def _fuse(rw, config, group: list[LinearMatch], report: Report) -> None:
     first = group[0].node
     with graph.inserting_before(first):
         fused = graph.call_function(
-            torch.ops.rs.poincare_linear.default,
-            (group[0].x, *nodes, bias, e.bits, e.group_size, e.in_features, e.curv_step),
+            torch.ops.rs.linear.default,
+            (group[0].x, *nodes, bias, e.bits, e.group_size, e.in_features),
             act_bits_kwargs(config))
         parts = graph.call_function(torch.split, (fused, sizes), {"dim": -1})
         outs = [graph.call_method("contiguous", (graph.call_function(operator.getitem, (parts, i)),))
@@ -102,7 +104,7 @@ def fuse_qkv_projections(rw, config, report: Report) -> int:
     """Fuse every q/k/v projection triple of ``rw`` (a GraphRewrite); returns the number fused."""
     if not config.fuse_qkv:
         return 0
-    from rs_compile.ops.linear import poincare_linear  # noqa: F401  (registers rs::poincare_linear)
+    from rs_compile.ops.linear import linear  # noqa: F401  (registers rs::linear)
 
     count = 0
     for group in projection_groups(rw):

@@ -66,9 +66,9 @@ def test_convert_with_calibration_file_matches_the_library_call(tmp_path):
 
 
 def test_bad_option_value_is_one_clear_line(capsys):
-    assert main(["convert", "gpt2-tiny", "--out", "unused", "--bits", "5"]) == 2
+    assert main(["convert", "gpt2-tiny", "--out", "unused", "--bits", "6"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == ("rs-compile convert: error: bits=5 is not supported; valid values are (2, 3, 4, 8)")
+    assert err.strip() == ("rs-compile convert: error: bits=6 is not supported; valid values are (2, 3, 4, 5, 8)")
 
 
 def one_error_line(capsys, command):
@@ -109,9 +109,12 @@ def test_compress_tied_flag(monkeypatch, tmp_path, capsys):
     def lm_head(folder):
         return type(load_model(folder)[0].lm_head).__name__
 
-    for flags, expected in (([], "Linear"), (["--compress-tied"], "CompressedLinear")):
-        assert main(["convert", "gpt2-tiny", "--out", str(tmp_path / expected), *flags]) == 0
-        assert lm_head(tmp_path / expected) == expected
+    cases = (([], "CompressedLinear"),  # reads the compressed embedding's codes
+             (["--no-embeddings"], "Linear"),
+             (["--no-embeddings", "--compress-tied"], "CompressedLinear"))
+    for i, (flags, expected) in enumerate(cases):
+        assert main(["convert", "gpt2-tiny", "--out", str(tmp_path / str(i)), *flags]) == 0
+        assert lm_head(tmp_path / str(i)) == expected
     seen = {}
     monkeypatch.setattr(rs_compile, "inspect", lambda model, **kw: seen.update(kw) or rs_compile.Report())
     assert main(["inspect", "gpt2-tiny", "--compress-tied"]) == 0
@@ -137,7 +140,7 @@ def test_eval_shows_which_codec_it_measures(monkeypatch, capsys):
     assert main(["eval", "--model", "tinystories", "--sequences", "1", "--baseline", "int8"]) == 0
     err = capsys.readouterr().err
     assert "eval: reference outputs" in err
-    assert "eval: rs_compile 4-bit g64 (1/2)" in err and "eval: int8 (2/2)" in err
+    assert "eval: rs_compile 4-bit g32 (1/2)" in err and "eval: int8 (2/2)" in err
 
 
 @pytest.mark.slow

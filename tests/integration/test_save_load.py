@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import rs_compile
 from rs_compile import serialization
-from rs_compile.codec.format import packed_specs
+from rs_compile.codec.format import Format
 from rs_compile.demo import model_bytes
 from rs_compile.hub import load_model, save_model
 from rs_compile.models import configs
@@ -44,7 +44,7 @@ def test_gpt2_round_trip_is_bit_exact(gpt2_saved, fresh):
     loaded = serialization.load(fresh(), path)
     assert compressed_names(loaded) == compressed_names(converted) != []
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
-    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # the tie survives
+    assert loaded.lm_head.codes is loaded.transformer.wte.codes  # the compressed tie survives
     assert model_bytes(loaded) == model_bytes(converted)  # no dense copy of a compressed weight
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, converted(IDS).logits)
@@ -103,19 +103,19 @@ def test_shape_mismatch(gpt2_saved):
 
     wider = GPT2LMHeadModel(GPT2Config(**{**configs.GPT2_SIZES["tiny"], "n_embd": 128}))
     assert_load_fails_untouched(wider, gpt2_saved[1],
-                                r"layer 'transformer\.h\.0\.attn\.c_attn': the model's weight is \[out, in\] = "
-                                r"\[384, 128\] but the file holds \[192, 64\]")
+                                r"layer 'transformer\.wte': the model's weight is \[1024, 128\] but the file "
+                                r"holds \[1024, 64\]: the model config differs from the one saved")
 
 
 def test_dense_tensor_mismatch(tmp_path):
-    serialization.save(rs_compile.convert(configs.gpt2("tiny")), tmp_path)
+    serialization.save(rs_compile.convert(configs.gpt2("tiny"), embeddings=False), tmp_path)
     other = configs.gpt2("tiny")
     other.transformer.wpe = torch.nn.Embedding(128, 64)  # fewer positions than saved
     assert_load_fails_untouched(other, tmp_path, r"shape mismatch .*transformer\.wpe\.weight: model \[128, 64\] vs file \[256, 64\]")
 
 
 def test_already_converted_model(gpt2_saved):
-    assert_load_fails_untouched(rs_compile.convert(configs.gpt2("tiny")), gpt2_saved[1], r"has a CompressedLinear there")
+    assert_load_fails_untouched(rs_compile.convert(configs.gpt2("tiny")), gpt2_saved[1], r"has a CompressedEmbedding there \(expected nn\.Embedding\)")
 
 
 def test_old_version_and_missing_files(tmp_path):
@@ -123,7 +123,7 @@ def test_old_version_and_missing_files(tmp_path):
     meta_file = tmp_path / serialization.META_FILE
     meta_file.write_text(json.dumps({"format": "rs_compile", "version": 1, "modules": {}, "aliases": {}}))
     assert_load_fails_untouched(configs.gpt2("tiny"), tmp_path,
-                                r"rs_compile.json has format version 1; this rs_compile reads version 2 "
+                                r"rs_compile.json has format version 1; this rs_compile reads version 3 "
                                 r"only .* convert the original model with this rs_compile and save it again")
     with pytest.raises(FileNotFoundError, match=r"not an rs_compile folder: \['rs_compile.json', 'rs_compile.safetensors'\]"):
         serialization.load(configs.gpt2("tiny"), tmp_path / "absent")
@@ -213,9 +213,9 @@ def test_damaged_files_raise_value_errors_naming_the_file(saved_copy):
 
 
 @pytest.mark.parametrize("field,value,tensor,expected", [
-    ("bits", 8, "codes", r"uint8 \[192, 64\]"),  # [out, 1 group * 64 bytes] at 8 bits
-    ("group_size", 32, "scales", r"float16 \[192, 2\]"),
-    ("in_features", 56, "codes", r"uint8 \[192, 32\]"),  # 56 inputs: still one group of 64, 32 bytes
+    ("bits", 8, "codes", r"uint8 \[192, 64\]"),  # [out, 2 groups * 32 bytes] at 8 bits
+    ("group_size", 64, "groups", r"uint8 \[192, 1\]"),  # one group byte per 64 inputs
+    ("in_features", 56, "codes", r"uint8 \[192, 32\]"),  # 56 inputs: still two groups of 32, 32 bytes
 ])
 def test_metadata_that_disagrees_with_the_tensors_fails_before_loading(saved_copy, field, value, tensor,
                                                                        expected):
@@ -223,7 +223,7 @@ def test_metadata_that_disagrees_with_the_tensors_fails_before_loading(saved_cop
     meta = json.loads((saved_copy / serialization.META_FILE).read_text())["modules"][layer]
     rewrite(saved_copy, modules={layer: {**meta, field: value}})
     if field == "in_features":  # the packed tensors fit; the model's layer does not
-        assert_load_error(saved_copy, r"the model's weight is \[out, in\] = \[192, 64\] but the file holds \[192, 56\]")
+        assert_load_error(saved_copy, r"the model's weight is \[192, 64\] but the file holds \[192, 56\]")
         return
     assert_load_error(saved_copy, rf"tensor {layer}\.{tensor} is .* but layer '{layer}' \({value if field == 'bits' else 4}"
                                   rf"-bit codes .* stores {expected}")
@@ -232,7 +232,7 @@ def test_metadata_that_disagrees_with_the_tensors_fails_before_loading(saved_cop
 def test_tensor_of_the_wrong_dtype_fails_before_loading(saved_copy):
     layer = "transformer.h.1.mlp.c_proj"
     m = json.loads((saved_copy / serialization.META_FILE).read_text())["modules"][layer]
-    specs = packed_specs(m["bits"], m["group_size"], m["out_features"], m["in_features"])
+    specs = Format(m["bits"], m["group_size"]).packed_specs(m["out_features"], m["in_features"])
     key, (shape, dtype) = next((k, s) for k, s in specs.items() if s[1].is_floating_point)
     name = f"{layer}.{key}"
     t = load_file(saved_copy / serialization.TENSORS_FILE)[name]
@@ -252,8 +252,8 @@ def test_invalid_module_option_fails_before_loading(saved_copy):
 def test_save_refuses_a_model_whose_compressed_buffers_were_cast(tmp_path):
     model = rs_compile.convert(configs.gpt2("tiny"))
     model.double()  # casts the packed floating-point buffers too
-    with pytest.raises(ValueError, match=r"cannot save to .*: tensor transformer\.h\.0\.attn\.c_attn\.\w+ "
-                                         r"is float64 \[192, \d+\], but layer .* stores float"):
+    with pytest.raises(ValueError, match=r"cannot save to .*: tensor transformer\.\S+\.row_scale is float64 "
+                                         r"\[\d+\], but layer .* stores bfloat16"):
         serialization.save(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -262,7 +262,7 @@ def test_save_pretrained_of_a_converted_model_warns(tmp_path):
     import copy
     import pickle
 
-    model = rs_compile.convert(configs.gpt2("tiny"))
+    model = rs_compile.convert(configs.gpt2("tiny"), embeddings=False)
     for copied in (model, copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         with pytest.warns(UserWarning, match=r"save_pretrained cannot store rs_compile's compressed layers.*"
                                              r"rs_compile\.hub\.save_model"):
@@ -275,6 +275,10 @@ def test_save_pretrained_of_a_converted_model_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plain.save_pretrained(tmp_path / "dense")  # unconverted models are left alone
+    tied = rs_compile.convert(configs.gpt2("tiny"))  # wte and lm_head share their packed tensors
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=r"save_pretrained cannot store .* "
+                                                                      r"transformers refuses as well"):
+        tied.save_pretrained(tmp_path / "tied")
 
 
 @pytest.mark.slow

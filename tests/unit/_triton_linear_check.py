@@ -1,4 +1,4 @@
-"""Run the Triton poincare_linear kernel under TRITON_INTERPRET=1 against the CPU reference op.
+"""Run the Triton rs::linear kernel under TRITON_INTERPRET=1 against the CPU reference op.
 
 Started by test_triton_linear.py in a subprocess so the interpreter flag never reaches the main
 pytest process. Prints one JSON summary line; exits non-zero if any case is out of tolerance.
@@ -23,8 +23,9 @@ import sys
 import torch
 
 from rs_compile.codec import decode_weight, encode
-from rs_compile.kernels.triton_linear import DOT_MIN_ROWS, triton_poincare_linear
-from rs_compile.ops.linear import poincare_linear
+from rs_compile.codec.format import Format
+from rs_compile.kernels.triton_linear import DOT_MIN_ROWS, triton_linear
+from rs_compile.ops.linear import linear
 
 N = 40  # not a multiple of BLOCK_N: exercises masked output columns
 K = 100  # not a multiple of any group size below: a partial last group
@@ -35,10 +36,10 @@ def _case(bits: int, group_size: int, x: torch.Tensor, with_bias: bool, seed: in
           act_bits: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     k = x.shape[-1]
-    enc = encode(torch.randn(N, k, generator=g) * 0.05, bits=bits, group_size=group_size)
+    enc = encode(torch.randn(N, k, generator=g) * 0.05, Format(bits, group_size))
     bias = torch.randn(N, generator=g) if with_bias else None
-    out = triton_poincare_linear(x, *enc.tensors(), bias, **enc.meta(), act_bits=act_bits)
-    ref = poincare_linear(x, *enc.tensors(), bias, **enc.meta(), act_bits=act_bits)
+    out = triton_linear(x, *enc.tensors(), bias, **enc.meta(), act_bits=act_bits)
+    ref = linear(x, *enc.tensors(), bias, **enc.meta(), act_bits=act_bits)
 
     w = decode_weight(*enc.tensors(), **enc.meta()).to(x.dtype).double()
     s = x.double().abs() @ w.abs().t()
@@ -57,10 +58,10 @@ def _cases():
     the tolerance)."""
     g = torch.Generator().manual_seed(0)
     rows = (1, 3, 17)  # 1 and 3: broadcast-sum path; 17: tl.dot path with a partial row tile
-    for (i, bits), (j, gs) in itertools.product(enumerate((2, 3, 4, 8)), enumerate((32, 64, 128))):
+    for (i, bits), (j, gs) in itertools.product(enumerate((2, 3, 4, 5, 8)), enumerate((32, 64, 128))):
         # Latin square: every bits and every group size meets every row count.
         yield bits, gs, torch.randn(rows[(i + j) % 3], K, generator=g), (i + j) % 2 == 0
-    for bits, m in itertools.product((2, 3, 4, 8), (1, 17)):  # each path with and without bias
+    for bits, m in itertools.product((2, 3, 4, 5, 8), (1, 17)):  # each path with and without bias
         yield bits, 64, torch.randn(m, K, generator=g).half(), bits in (2, 4)
     # The interpreter's tl.dot multiplies bf16 bit patterns as integers, so bf16 runs only
     # below DOT_MIN_ROWS here (the GPU tl.dot handles bf16).

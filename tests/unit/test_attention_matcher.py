@@ -379,8 +379,8 @@ class GoldenGraph(expecttest.TestCase):
         calls = [line for line in readable_graph(cap.compiles[0][2]).splitlines()
                  if " = placeholder[" not in line]
         self.assertExpectedInline("\n".join(calls), """\
-%poincare_linear_default : [num_users=1] = call_function[target=torch.ops.rs.poincare_linear.default](args = (%l_x_, %rs_qkv_codes, %rs_qkv_scales, %rs_qkv_curv, %rs_qkv_bias, 8, 64, 64, 1.0), kwargs = {})
-%split : [num_users=3] = call_function[target=torch.functional.split](args = (%poincare_linear_default, [64, 32, 32]), kwargs = {dim: -1})
+%linear_default : [num_users=1] = call_function[target=torch.ops.rs.linear.default](args = (%l_x_, %rs_qkv_codes, %rs_qkv_groups, %rs_qkv_row_scale, %rs_qkv_bias, 8, 32, 64), kwargs = {})
+%split : [num_users=3] = call_function[target=torch.functional.split](args = (%linear_default, [64, 32, 32]), kwargs = {dim: -1})
 %getitem_2 : [num_users=1] = call_function[target=operator.getitem](args = (%split, 0), kwargs = {})  # q_proj
 %contiguous : [num_users=1] = call_method[target=contiguous](args = (%getitem_2,), kwargs = {})  # q_proj
 %getitem_3 : [num_users=1] = call_function[target=operator.getitem](args = (%split, 1), kwargs = {})  # k_proj
@@ -396,5 +396,5 @@ class GoldenGraph(expecttest.TestCase):
 %attention_default : [num_users=1] = call_function[target=torch.ops.rs.attention.default](args = (%q, %k, %v, %l_mask_, False, 0.25), kwargs = {})
 %transpose_4 : [num_users=1] = call_method[target=transpose](args = (%attention_default, 1, 2), kwargs = {})
 %reshape_2 : [num_users=1] = call_method[target=reshape](args = (%transpose_4, 2, 8, -1), kwargs = {})
-%poincare_linear_default_1 : [num_users=1] = call_function[target=torch.ops.rs.poincare_linear.default](args = (%reshape_2, %rs_o_proj_codes, %rs_o_proj_scales, %rs_o_proj_curv, %l_self_modules_o_proj_parameters_bias_, 8, 64, 64, 1.0), kwargs = {})  # o_proj
-return (poincare_linear_default_1,)""")
+%linear_default_1 : [num_users=1] = call_function[target=torch.ops.rs.linear.default](args = (%reshape_2, %rs_o_proj_codes, %rs_o_proj_groups, %rs_o_proj_row_scale, %l_self_modules_o_proj_parameters_bias_, 8, 32, 64), kwargs = {})  # o_proj
+return (linear_default_1,)""")

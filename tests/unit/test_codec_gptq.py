@@ -3,15 +3,16 @@
 import pytest
 import torch
 
-from rs_compile.codec.calibrate import damped, gptq_encode, inverse_factor, refit_scales
+from rs_compile.codec.calibrate import damped, gptq_encode, inverse_factor, refit_steps
 from rs_compile.codec.encode import encode
+from rs_compile.codec.format import Format
 
 
-def layer_and_inputs(n=48, k=160, tokens=1024, seed=0):
-    """Trained-like weights and correlated inputs whose features have very different scales."""
+def layer_and_inputs(n=48, k=160, tokens=1024, seed=0, correlated=True):
+    """Trained-like weights and (correlated) inputs whose features have very different scales."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
-    mix = torch.randn(k, k, generator=g) / k**0.5
+    mix = torch.randn(k, k, generator=g) / k**0.5 if correlated else torch.eye(k)
     x = (torch.randn(tokens, k, generator=g) @ mix) * torch.logspace(-1, 0.5, k)
     return w, x.double()
 
@@ -26,11 +27,15 @@ def output_error(x, w, w_hat):
 def test_gptq_lowers_the_output_error_against_calibration_free(bits):
     w, x = layer_and_inputs()
     hessian = x.T @ x / len(x)
-    free = output_error(x, w, encode(w, bits).dequantize())
-    weighted = output_error(x, w, encode(w, bits, importance=hessian.diagonal().float()).dequantize())
-    gptq = output_error(x, w, gptq_encode(w, hessian, bits).dequantize())
-    assert weighted < free
+    free = output_error(x, w, encode(w, Format(bits)).dequantize())
+    gptq = output_error(x, w, gptq_encode(w, hessian, Format(bits)).dequantize())
     assert gptq < 0.75 * free
+    # the diagonal weighting alone is exact for uncorrelated inputs
+    w, x = layer_and_inputs(correlated=False)
+    hessian = x.T @ x / len(x)
+    free = output_error(x, w, encode(w, Format(bits)).dequantize())
+    weighted = output_error(x, w, encode(w, Format(bits), importance=hessian.diagonal().float()).dequantize())
+    assert weighted < free
 
 
 def test_gptq_generalises_to_fresh_inputs_of_the_same_distribution():
@@ -68,16 +73,16 @@ def test_bad_statistics_are_rejected_with_the_reason():
         gptq_encode(w, torch.full((16, 16), float("nan")))
 
 
-def test_scale_refit_reaches_the_least_squares_optimum_of_the_output_error():
+def test_step_refit_rounds_the_least_squares_optimum_of_the_output_error():
     """Against an independent float64 solve: per row, ``min_s ||L (w - B s)||^2`` with ``H = L L^T``
-    and ``B`` the [in, groups] matrix of each group's unit levels."""
+    and ``B`` the [in, groups] matrix of each group's levels; the refit is its rounding to steps."""
     w, x = layer_and_inputs(n=6, k=40)  # groups of 16: 3 per row, the last one padded
     h = x.T @ x / len(x)
     g, ng = 16, 3
     units = torch.randn(6, ng, g, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     units[:, -1, 40 - 32:] = 0.0  # padded inputs carry zero levels
-    start = torch.full((6, ng), 0.01, dtype=torch.float16)
-    got = refit_scales(w, units, start, h).double()
+    unit = torch.full((6,), 1e-4, dtype=torch.float64)  # fine steps: rounding barely moves the optimum
+    got = refit_steps(w, units, torch.ones(6, ng, dtype=torch.int32), unit, 10**6, h)
     chol = torch.linalg.cholesky(h)
     for r in range(6):
         basis = torch.zeros(40, ng, dtype=torch.float64)
@@ -85,22 +90,24 @@ def test_scale_refit_reaches_the_least_squares_optimum_of_the_output_error():
             cols = slice(j * g, min((j + 1) * g, 40))
             basis[cols, j] = units[r, j, : cols.stop - cols.start]
         best = torch.linalg.lstsq(chol.T @ basis, chol.T @ w[r].double().unsqueeze(-1)).solution.squeeze(-1)
-        torch.testing.assert_close(got[r], best, rtol=2e-3, atol=1e-6)  # float16 rounding of the scales
+        assert torch.equal(got[r].double(), torch.round(best / 1e-4))
 
 
-def test_scale_refit_never_raises_a_rows_output_error():
+def test_step_refit_never_raises_a_rows_output_error_and_respects_the_step_range():
     w, x = layer_and_inputs(n=8, k=64)
     h = x.T @ x / len(x)
     units = torch.randn(8, 4, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    good = refit_scales(w, units, torch.ones(8, 4, dtype=torch.float16), h)
-    starts = torch.cat([good[:4], torch.randn(4, 4).half() * 0.01])  # optimal rows and poor rows
+    unit = torch.full((8,), 2e-3, dtype=torch.float64)
+    good = refit_steps(w, units, torch.ones(8, 4, dtype=torch.int32), unit, 31, h)
+    poor = torch.randint(-31, 32, (4, 4), generator=torch.Generator().manual_seed(6), dtype=torch.int32)
+    starts = torch.cat([good[:4], poor])
 
     def row_errors(s):
-        r = w.double() - (s.double().unsqueeze(-1) * units).view(8, 64)
+        r = w.double() - (unit[:, None, None] * s.double().unsqueeze(-1) * units).view(8, 64)
         return ((r @ h) * r).sum(-1)
 
-    out = refit_scales(w, units, starts, h)
+    out = refit_steps(w, units, starts, unit, 31, h)
+    assert out.dtype == torch.int32 and int(out.abs().max()) <= 31
     assert bool((row_errors(out) <= row_errors(starts)).all())
     assert torch.equal(out[:4], starts[:4])  # nothing to gain: kept as they were
-    assert torch.equal(out[4:], good[4:])  # the optimum whatever the start
     assert bool((row_errors(out)[4:] < row_errors(starts)[4:]).all())

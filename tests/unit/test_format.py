@@ -4,14 +4,7 @@ import pytest
 import torch
 
 from rs_compile.codec.encode import encode
-from rs_compile.codec.format import (
-    PLANES,
-    SUPPORTED_BITS,
-    check_format,
-    pack_codes,
-    packed_specs,
-    unpack_codes,
-)
+from rs_compile.codec.format import PLANES, SUPPORTED_BITS, Format, check_format, pack_codes, unpack_codes
 from rs_compile.modules import CompressedLinear
 
 
@@ -35,8 +28,8 @@ def reference_pack(q: list[list[int]], bits: int, group_size: int) -> list[list[
     return rows
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group_size", [8, 64])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("group_size", [8, 32])
 def test_pack_matches_bitwise_spec_and_round_trips(bits, group_size):
     g = torch.Generator().manual_seed(bits * 100 + group_size)
     q = torch.randint(0, 2**bits, (3, 2 * group_size), generator=g)
@@ -56,7 +49,7 @@ def test_four_bit_layout_is_planar_nibbles():
     assert packed.sum().item() == packed[0, 5].item()
 
 
-@pytest.mark.parametrize("bits,group_size", [(5, 64), (4, 0), (4, -8), (4, 12), (4, 64.0)])
+@pytest.mark.parametrize("bits,group_size", [(6, 32), (4, 0), (4, -8), (4, 12), (4, 64.0)])
 def test_invalid_formats_are_rejected_with_the_valid_range(bits, group_size):
     with pytest.raises(ValueError, match="bits|group_size"):
         check_format(bits, group_size)
@@ -65,6 +58,15 @@ def test_invalid_formats_are_rejected_with_the_valid_range(bits, group_size):
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
 @pytest.mark.parametrize("group_size,in_features", [(8, 8), (32, 100), (64, 64)])
 def test_packed_specs_are_what_a_compressed_layer_holds(bits, group_size, in_features):
-    layer = CompressedLinear(encode(torch.randn(5, in_features), bits, group_size))
+    layer = CompressedLinear(encode(torch.randn(5, in_features), Format(bits, group_size)))
     held = {name: (tuple(t.shape), t.dtype) for name, t in layer.named_buffers()}
-    assert packed_specs(bits, group_size, 5, in_features) == held
+    assert Format(bits, group_size).packed_specs(5, in_features) == held
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_packed_specs_and_bytes_count_every_stored_byte(bits):
+    fmt = Format(bits, 32)
+    specs = fmt.packed_specs(10, 70)  # 3 groups, the last one padded
+    assert specs == {"codes": ((10, 3 * 32 * bits // 8), torch.uint8),
+                     "groups": ((10, 3), torch.uint8), "row_scale": ((10,), torch.bfloat16)}
+    assert fmt.nbytes(10, 70) == 10 * (3 * 4 * bits + 3 + 2)

@@ -1,4 +1,4 @@
-"""Property test: CompressedLinear, rs::poincare_linear and its Inductor decomposition against a
+"""Property test: CompressedLinear, rs::linear and its Inductor decomposition against a
 float64 F.linear on the decoded weight, over random shapes, formats and input dtypes.
 
 Tolerance: every path rounds the decoded weight to x's dtype and rounds the result once, and
@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rs_compile.codec.encode import encode
-from rs_compile.codec.format import SUPPORTED_BITS
-from rs_compile.lowering.linear import poincare_linear_decomposition
+from rs_compile.codec.format import SUPPORTED_BITS, Format
+from rs_compile.lowering.linear import linear_decomposition
 from rs_compile.modules import CompressedLinear
 
 TOL = {torch.float32: 2.0**-17, torch.bfloat16: 2 * 2.0**-7, torch.float16: 2 * 2.0**-10}
@@ -41,7 +41,7 @@ def layers(draw):
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=g) * draw(st.sampled_from([1e-3, 0.05, 3.0]))
     bias = torch.randn(out_features, generator=g) if draw(st.booleans()) else None
-    enc = encode(weight, bits, group_size, curvatures=draw(st.integers(1, 4)), curv_step=1.0)
+    enc = encode(weight, Format(bits, group_size), curvatures=draw(st.integers(1, 4)))
     return CompressedLinear(enc, bias), g
 
 
@@ -60,9 +60,9 @@ def test_op_matches_float64_reference(layer, batch, seq, dtype):
              + finfo.tiny * finfo.eps * (1 + x.double().abs().sum(-1, keepdim=True)))
 
     y_module = module(x)
-    y_decomposed = poincare_linear_decomposition(
-        x, module.codes, module.scales, module.curv, module.bias, module.bits, module.group_size,
-        module.in_features, module.curv_step)
+    y_decomposed = linear_decomposition(
+        x, module.codes, module.groups, module.row_scale, module.bias, module.bits,
+        module.group_size, module.in_features)
     for y in (y_module, y_decomposed):
         assert y.dtype == dtype and y.shape == (*shape[:-1], module.out_features)
         assert torch.isfinite(y).all()
@@ -83,6 +83,6 @@ def test_wrong_feature_count_is_the_documented_value_error(layer, delta):
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
 def test_non_float_input_is_the_documented_type_error(dtype):
-    module = CompressedLinear(encode(torch.randn(16, 16), 4, 8))
+    module = CompressedLinear(encode(torch.randn(16, 16), Format(4, 8)))
     with pytest.raises(TypeError, match="x must be floating point"):
         module(torch.zeros(2, 16, dtype=dtype))

@@ -1,27 +1,27 @@
-"""rs::poincare_linear against a float64 re-computation from the decoded weight."""
+"""rs::linear against a float64 re-computation from the decoded weight."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from rs_compile.codec import encode
-from rs_compile.ops.linear import poincare_linear
+from rs_compile.codec.format import Format
+from rs_compile.ops.linear import linear
 
 
 def _layer(n=48, k=100, bits=4, group_size=32, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
-    enc = encode(w, bits=bits, group_size=group_size)
+    enc = encode(w, Format(bits, group_size))
     b = torch.randn(n, generator=g) if bias else None
     return enc, b
 
 
 def _call(x, enc, b):
-    return poincare_linear(x, *enc.tensors(), b, enc.bits, enc.group_size, enc.in_features,
-                           enc.curv_step)
+    return linear(x, *enc.tensors(), b, enc.bits, enc.group_size, enc.in_features)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_float64_linear_on_dequantized_weight(bits, bias):
     enc, b = _layer(bits=bits, bias=bias)
@@ -58,20 +58,9 @@ def test_opcheck():
     for x, bias in [(torch.randn(3, 100), b), (torch.randn(2, 4, 100, requires_grad=True), None),
                     (torch.randn(0, 100), b)]:
         torch.library.opcheck(
-            torch.ops.rs.poincare_linear.default,
-            (x, *enc.tensors(), bias, enc.bits, enc.group_size, enc.in_features, enc.curv_step),
+            torch.ops.rs.linear.default,
+            (x, *enc.tensors(), bias, enc.bits, enc.group_size, enc.in_features),
         )
-
-
-def test_packed_tensors_must_be_exactly_what_the_format_stores():
-    enc, b = _layer()  # 100 inputs in groups of 32: 4 groups
-    one_more_group = [torch.cat([t, t[:, : t.shape[1] // 4]], dim=1) for t in enc.tensors()]
-    with pytest.raises(ValueError, match=r"store codes \[48, 64\], scales \[48, 4\], curv \[48, 4\]; "
-                                         r"got codes \[48, 80\], scales \[48, 5\], curv \[48, 5\]"):
-        poincare_linear(torch.randn(2, 100), *one_more_group, b, 4, 32, 100, 1.0)
-    codes, scales, curv = enc.tensors()
-    with pytest.raises(TypeError, match="scales torch.float16.*got .*scales torch.float32"):
-        poincare_linear(torch.randn(2, 100), codes, scales.float(), curv, b, 4, 32, 100, 1.0)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -82,3 +71,18 @@ def test_bad_inputs_raise_clear_errors():
         _call(torch.ones(2, 100, dtype=torch.int64), enc, b)
     with pytest.raises(ValueError, match="bias shape"):
         _call(torch.randn(2, 100), enc, torch.zeros(3))
+
+
+def test_packed_tensors_that_do_not_match_the_format_are_rejected_before_any_kernel():
+    enc, b = _layer(k=100)  # 4 groups of 32
+    codes, groups, row_scale = enc.tensors()
+    x = torch.randn(2, 100)
+    extra = torch.cat([codes, codes[:, :16]], dim=1)  # one group too many: would read past a row
+    with pytest.raises(ValueError, match="codes has shape"):
+        linear(x, extra, groups, row_scale, b, 4, 32, 100)
+    with pytest.raises(ValueError, match="groups has shape"):
+        linear(x, codes, groups[:, :3], row_scale, b, 4, 32, 100)
+    with pytest.raises(TypeError, match="row_scale must be torch.bfloat16"):
+        linear(x, codes, groups, row_scale.float(), b, 4, 32, 100)
+    with pytest.raises(ValueError, match="codes has shape"):  # the same bytes read as 8-bit codes
+        linear(x, codes, groups, row_scale, b, 8, 16, 100)

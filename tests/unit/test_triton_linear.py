@@ -1,4 +1,4 @@
-"""The Triton poincare_linear kernel (interpreted, in a subprocess) and its CUDA registration."""
+"""The Triton rs::linear kernel (interpreted, in a subprocess) and its CUDA registration."""
 
 import json
 import os
@@ -21,7 +21,7 @@ def test_interpreted_kernel_matches_cpu_reference():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["cases"] == 28 and not summary["failed"], summary
+    assert summary["cases"] == 33 and not summary["failed"], summary
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a host without GPU")
@@ -30,4 +30,4 @@ def test_no_driver_and_registration_is_a_no_op_without_gpu():
     assert triton_driver_active() is False
     assert register_triton_kernels() is False
     assert register_triton_kernels() is False
-    assert not torch._C._dispatch_has_kernel_for_dispatch_key("rs::poincare_linear", "CUDA")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("rs::linear", "CUDA")
