@@ -64,11 +64,31 @@ def _torchao(model: torch.nn.Module, kind: str) -> torch.nn.Module:
                                       IntxWeightOnlyConfig, quantize_)
     from torchao.quantization.granularity import PerGroup
 
+    _conv1d_to_linear(model)  # quantize_ rewrites nn.Linear only: GPT-2's Conv1D layers too
     config = {"int8": lambda: Int8WeightOnlyConfig(),
               "int4": lambda: Int4WeightOnlyConfig(group_size=64),
               "intx4": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64))}
     quantize_(model, config[kind]())
     return model
+
+
+def _conv1d_to_linear(model: torch.nn.Module) -> None:
+    """Replace transformers' Conv1D (weight stored [in, out]) by the equal nn.Linear, in place."""
+    from rs_compile.convert import linear_weight
+
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            found = linear_weight(child)
+            if found is None or type(child) is torch.nn.Linear:
+                continue
+            weight, bias = found
+            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                                     device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if bias is not None:
+                    linear.bias.copy_(bias)
+            setattr(parent, name, linear)
 
 
 def _rs(model: torch.nn.Module, args: argparse.Namespace, bits: int, act_bits: int = 0) -> torch.nn.Module:

@@ -1,6 +1,9 @@
 """The decode benchmark's workload: what it times must be the tokens it claims."""
 
 import argparse
+import copy
+
+import pytest
 
 import torch
 
@@ -17,3 +20,26 @@ def test_decode_makes_exactly_the_requested_tokens_even_past_eos():
         out = runner.decode(6)
     assert stopped.shape[1] == 8 + 1  # plain generate stops at the first token
     assert out.shape == (1, 8 + 6) and torch.equal(out[:, :9], stopped)
+
+
+def test_torchao_configs_quantize_every_linear_gpt2_conv1d_included():
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install torchao)")
+    from rs_compile.bench import PREPARE, streamed_weight_bytes
+    from rs_compile.convert import linear_weight
+
+    base = build_model("gpt2-tiny").eval()
+    layers = [m for m in base.modules() if linear_weight(m) is not None]
+    weights = sum(linear_weight(m)[0].numel() for m in layers)
+    biases = sum(m.bias.numel() for m in layers if m.bias is not None)
+    assert any(type(m) is not torch.nn.Linear for m in layers)  # GPT-2 holds Conv1D layers
+    x = torch.randint(0, 1000, (1, 8))
+    with torch.no_grad():
+        expected = base(x).logits
+    quantized = PREPARE["torchao-int8"][0](copy.deepcopy(base), None)
+    assert all(type(m) is torch.nn.Linear for m in quantized.modules() if linear_weight(m) is not None)
+    # int8 codes (1 byte/weight) + per output row an fp32 scale and an int8 zero point; fp32 biases
+    rows = sum(linear_weight(m)[0].shape[0] for m in layers)
+    assert streamed_weight_bytes(quantized) == weights + 4 * biases + 5 * rows
+    with torch.no_grad():
+        got = quantized(x).logits
+    assert float((got - expected).norm() / expected.norm()) < 0.05
