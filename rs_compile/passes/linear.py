@@ -184,6 +184,11 @@ def skip_reason(w, config, outside: list[fx.Node], mutated: bool) -> str | None:
     return None
 
 
+def reencoder(stored_in_out: bool, config) -> Callable:
+    """Packed tensors of an edited weight (GraphRewrite.add_derived's ``rebuild``)."""
+    return lambda ws: encode_parameter(ws[0], stored_in_out, config.format, config.curvatures).tensors()
+
+
 def act_bits_kwargs(config) -> dict:
     """The op's ``act_bits`` keyword, left out at its default so graphs print as before."""
     return {"act_bits": config.act_bits} if config.act_bits else {}
@@ -216,8 +221,9 @@ def compress_linears(rw, config, report: Report) -> int:
                 encoded[m.weight] = None
                 continue
             enc = encode_parameter(w, m.stored_in_out, config.format, config.curvatures)
-            nodes = tuple(rw.add_input(f"{input_tag(name)}_{kind}", t) for kind, t in
-                          zip(PACKED, enc.tensors()))
+            nodes = tuple(rw.add_derived(  # re-encoded when the parameter is edited after compiling
+                [f"{input_tag(name)}_{kind}" for kind in PACKED], enc.tensors(),
+                [w if m.pattern == "call_module" else m.weight], reencoder(m.stored_in_out, config)))
             encoded[m.weight] = (enc, nodes)
         if encoded[m.weight] is None:
             continue
