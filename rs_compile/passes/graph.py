@@ -31,6 +31,7 @@ class GraphRewrite:
         self._arg_index = {n: i for i, n in enumerate(self.placeholders)}
         self.extra_inputs: list[torch.Tensor] = []
         self.derived: list[Derived] = []
+        self._grad_mode: dict[fx.Node, bool] | None = None
 
     def value_of(self, node: fx.Node) -> Any:
         """Real tensor behind a placeholder or get_attr node (None when unknown)."""
@@ -86,6 +87,18 @@ class GraphRewrite:
             stamp.append((t._version, t.data_ptr()))
         self.derived.append(Derived(tuple(refs), rebuild, slots, tuple(stamp)))
         return nodes
+
+    def grad_enabled(self, node: fx.Node) -> bool:
+        """Whether autograd records ``node``: the grad mode the graph is compiled under, changed by
+        the ``torch._C._set_grad_enabled`` calls dynamo leaves for ``no_grad`` / ``enable_grad``
+        blocks inside the traced code."""
+        if self._grad_mode is None:
+            mode, self._grad_mode = torch.is_grad_enabled(), {}
+            for n in self.gm.graph.nodes:
+                if n.op == "call_function" and n.target is torch._C._set_grad_enabled:
+                    mode = bool(n.args[0])
+                self._grad_mode[n] = mode
+        return self._grad_mode.get(node, torch.is_grad_enabled())
 
     def guard(self) -> "SourceGuard | None":
         """The call-time check of the tensors the derived inputs were computed from."""

@@ -28,6 +28,7 @@ from rs_compile.passes.linear import (
     readers_outside,
     input_tag,
     match_linear,
+    needs_grad,
     skip_reason,
 )
 from rs_compile.report import LinearRewrite, Report, module_name
@@ -53,8 +54,11 @@ def _skip_reason(rw, config, m: LinearMatch) -> str | None:
         return "weight is a graph input, not a module parameter (would snapshot user data)"
     if m.bias is not None and not (isinstance(m.bias, fx.Node) and rw.is_parameter(m.bias)):
         return "bias is not a module parameter"
+    if m.bias is not None and needs_grad(rw, rw.value_of(m.bias), {m.node}):
+        return "bias requires grad: the fused op's bias is a concatenated copy that gets no gradient"
     outside = readers_outside(m.weight, {m.node})
-    return skip_reason(rw.value_of(m.weight), config, outside, is_mutated(m.weight))
+    w = rw.value_of(m.weight)
+    return skip_reason(w, config, outside, is_mutated(m.weight), needs_grad(rw, w, {m.node}))
 
 
 def _pack(layout: tuple, config, weights, biases) -> tuple[list, list, torch.Tensor | None]:

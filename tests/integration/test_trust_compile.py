@@ -4,9 +4,13 @@
    under no_grad, an optimizer step, load_state_dict, ``param.data = t``, a new Parameter) must
    change the compiled output to what eager gives on the edited weights: the backend checks the
    parameters' version counters and storages at every call and re-encodes what changed.
+2. Compiling for training (weights that require grad, grad mode on) must not hand the weights a
+   silent ``grad=None``: such layers stay dense with the reason in the report, unless
+   ``frozen_weights=True`` asks for frozen compressed weights (gradients to inputs and biases).
 
 Reference for compiled outputs: the same model after ``rs_compile.convert``, run eagerly (the
-same decoded weights; fp32 summation order differs, hence rtol/atol ~1e-4/1e-5).
+same decoded weights; fp32 summation order differs, hence rtol/atol ~1e-4/1e-5). Reference for
+gradients through compressed layers: float64 autograd through the decoded weights.
 """
 
 import copy
@@ -175,3 +179,102 @@ def test_guard_check_is_cheap():
             guard.check(args)
         best = min(best, (time.perf_counter() - t) / 200)
     assert best < 100e-6, f"{best * 1e6:.1f} us per check"
+
+
+# ---------------------------------------------------------------- 2. training
+
+def _grads(model):
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_training_compile_keeps_trainable_weights_dense_with_a_reason():
+    model, x = MLP().train(), torch.randn(6, 64)
+    eager = copy.deepcopy(model)
+    backend = make_backend()
+    g = torch.randn(6, 64)
+    (torch.compile(model, backend=backend)(x) * g).sum().backward()
+    (eager(x) * g).sum().backward()
+    report = backend.report
+    assert report.linear_rewrites == []
+    assert {s.module for s in report.skipped} == {"fc1", "fc2"}
+    assert all("requires grad" in s.reason and "frozen_weights=True" in s.reason
+               for s in report.skipped)
+    got, want = _grads(model), _grads(eager)
+    for name in want:
+        assert got[name] is not None, name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _float64_reference(model, x, g):
+    """Gradients to x and the biases through the decoded weights, in float64."""
+    decoded = {n: m.dequantize().double() for n, m in rs_compile.convert(copy.deepcopy(model)).named_modules()
+               if isinstance(m, rs_compile.CompressedLinear)}
+    x64 = x.detach().double().requires_grad_()
+    b1, b2 = (model.get_submodule(n).bias.detach().double().requires_grad_() for n in ("fc1", "fc2"))
+    y = F.linear(F.relu(F.linear(x64, decoded["fc1"], b1)), decoded["fc2"], b2)
+    (y * g.double()).sum().backward()
+    return y.detach(), x64.grad, b1.grad, b2.grad
+
+
+def test_frozen_weights_compresses_and_gradients_reach_inputs_and_biases():
+    model = MLP().train()
+    x, g = torch.randn(6, 64, requires_grad=True), torch.randn(6, 64)
+    backend = make_backend(frozen_weights=True)
+    y = torch.compile(model, backend=backend)(x)
+    (y * g).sum().backward()
+    assert [r.module for r in backend.report.linear_rewrites] == ["fc1", "fc2"]
+    ref_y, ref_x, ref_b1, ref_b2 = _float64_reference(model, x, g)
+    torch.testing.assert_close(y.detach().double(), ref_y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref_x, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.fc1.bias.grad.double(), ref_b1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.fc2.bias.grad.double(), ref_b2, rtol=1e-4, atol=1e-5)
+    assert model.fc1.weight.grad is None and model.fc2.weight.grad is None  # frozen, as asked
+
+
+def test_frozen_weights_with_trainable_biases_get_bias_gradients():
+    """BitFit-style: weights frozen by the user, biases trained. The weights are compressed
+    without any option, and the biases' gradients must not be dropped."""
+    model = MLP().train()
+    for layer in (model.fc1, model.fc2):
+        layer.weight.requires_grad_(False)
+    x, g = torch.randn(6, 64), torch.randn(6, 64)
+    backend = make_backend()
+    (torch.compile(model, backend=backend)(x) * g).sum().backward()
+    assert len(backend.report.linear_rewrites) == 2 and backend.report.skipped == []
+    _, _, ref_b1, ref_b2 = _float64_reference(model, x, g)
+    torch.testing.assert_close(model.fc1.bias.grad.double(), ref_b1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.fc2.bias.grad.double(), ref_b2, rtol=1e-4, atol=1e-5)
+
+
+def test_grad_enabled_inside_forward_counts_as_training():
+    class Inner(MLP):
+        def forward(self, x):
+            with torch.enable_grad():
+                return super().forward(x)
+
+    model, x = Inner().train(), torch.randn(2, 64)
+    backend = make_backend()
+    with torch.no_grad():
+        y = torch.compile(model, backend=backend)(x)
+    assert backend.report.linear_rewrites == [] and len(backend.report.skipped) == 2
+    y.sum().backward()
+    assert model.fc1.weight.grad is not None
+
+
+def test_no_grad_compile_of_a_training_model_compresses():
+    model, x = MLP().train(), torch.randn(2, 64)
+    backend = make_backend()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(x)
+    assert len(backend.report.linear_rewrites) == 2 and backend.report.skipped == []
+
+
+def test_convert_freezes_weights_and_biases_as_buffers():
+    """convert is an explicit request: layers are compressed even with requires_grad weights,
+    and they leave model.parameters() (codes and bias are buffers); gradients reach inputs."""
+    model = nn.Sequential(MLP(), nn.LayerNorm(64))
+    rs_compile.convert(model)
+    assert [n for n, _ in model.named_parameters()] == ["1.weight", "1.bias"]
+    x = torch.randn(3, 64, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
