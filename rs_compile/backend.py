@@ -85,7 +85,6 @@ def compile_graph(
         def run(*args):
             guard.check(args)
             return compiled(*args, *extras)
-        run.rs_guard = guard
 
     return run
 
