@@ -32,6 +32,8 @@ def compile_graph(
 
     Compressed weights become trailing inputs of the rewritten graph; the returned callable
     appends them, so the codes live once in memory and Inductor treats them as ordinary inputs.
+    Before each call it checks the version counters and storages of the parameters the codes
+    were encoded from, and re-encodes any that changed (rs_compile.passes.graph.SourceGuard).
     """
     from torch._inductor.compile_fx import compile_fx
 
@@ -70,14 +72,19 @@ def compile_graph(
         from torch._inductor import list_mode_options
 
         patches.update(list_mode_options(mode))
-    extras = tuple(rw.extra_inputs)
+    extras = rw.extra_inputs
     compiled = compile_fx(new_gm, [*example_inputs, *_static_fakes(example_inputs, extras)],
                           config_patches=patches)
     if not extras:
         return compiled
-
-    def run(*args):
-        return compiled(*args, *extras)
+    guard = rw.guard()  # codes follow edits of the weights they were encoded from
+    if guard is None:
+        def run(*args):
+            return compiled(*args, *extras)
+    else:
+        def run(*args):
+            guard.check(args)
+            return compiled(*args, *extras)
 
     return run
 

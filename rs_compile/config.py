@@ -36,6 +36,12 @@ class CompressionConfig:
         weight group at run time (W4A8), so that the CPU decode kernel multiplies in integers
         (~1.5x its float path for 4-bit codes, ~1.2x the decode rate; fidelity cost in
         docs/fidelity.md).
+    frozen_weights: the compile route keeps a linear dense when its weight requires grad and the
+        graph is compiled with grad enabled (training: compressed weights get no gradient, and a
+        silent ``.grad is None`` would be a wrong answer); the skip is in the report. True
+        compresses those weights anyway, frozen: gradients reach the inputs (and biases,
+        adapters) only, and the weights' ``.grad`` stays None. ``convert`` always freezes: its
+        compressed layers hold codes and bias as buffers, outside ``model.parameters()``.
     gptq_damp: GPTQ's damping, relative to the mean diagonal of the inputs' second moments. GPTQ's
         own 0.01 suits thousands of tokens; with a dozen sentences (~160 tokens for 384-wide
         layers) 0.1 measured 24% lower MiniLM embedding error, and equal on TinyStories-260K.
@@ -54,6 +60,7 @@ class CompressionConfig:
     gptq_damp: float = 0.1
     bit_budget: float | None = None
     act_bits: int = 0
+    frozen_weights: bool = False
 
     def __post_init__(self) -> None:
         Format(self.bits, self.group_size)  # ValueError for a pair the layout cannot hold
@@ -77,6 +84,8 @@ class CompressionConfig:
         if self.act_bits not in ACT_BITS:
             raise ValueError(f"act_bits={self.act_bits!r} is invalid; valid values are {ACT_BITS} "
                              "(0: float activations, 8: dynamic int8 activations)")
+        if not isinstance(self.frozen_weights, bool):
+            raise ValueError(f"frozen_weights={self.frozen_weights!r} is invalid; it must be True or False")
         if not isinstance(self.min_features, int) or self.min_features < 1:
             raise ValueError(f"min_features={self.min_features!r} is invalid; it must be an int >= 1")
 

@@ -54,7 +54,9 @@ def convert(
 ) -> nn.Module:
     """Compress every eligible Linear / Conv1D and (``embeddings=True``, the default) embedding of
     ``model`` in place and return it. An output layer tied to a compressed embedding reads the
-    embedding's codes: one copy, no dense table left.
+    embedding's codes: one copy, no dense table left. Converted weights and biases become frozen
+    buffers whatever their ``requires_grad`` (outside ``model.parameters()``; gradients still reach
+    the inputs); the backend instead keeps trainable weights dense unless ``frozen_weights=True``.
 
     ``calibration``: optional sample inputs, each a tuple of positional arguments or a dict of
     keyword arguments for ``model(...)``. With them every layer is encoded to minimise its output

@@ -5,7 +5,8 @@ reference decodes the whole weight then calls F.linear; Inductor lowers it to th
 kernel for few rows or to decode-then-GEMM (rs_compile.lowering.linear), CUDA to a Triton kernel
 (rs_compile.kernels). With ``act_bits=8`` x is first rounded to int8 per group
 (rs_compile.codec.activations), which lets CPU kernels multiply in integers (W4A8).
-The weight is frozen: autograd flows to ``x`` only (straight through the activation rounding).
+The weight is frozen: autograd flows to ``x`` (straight through the activation rounding) and to
+``bias``, never to the codes.
 """
 
 from __future__ import annotations
@@ -77,17 +78,22 @@ def _(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits
 
 
 def _setup_context(ctx, inputs, output):
-    x, codes, groups, row_scale, _bias, bits, group_size, in_features = inputs[:8]
+    x, codes, groups, row_scale, bias, bits, group_size, in_features = inputs[:8]
     ctx.save_for_backward(codes, groups, row_scale)
     ctx.meta = (bits, group_size, in_features)
     ctx.x_dtype = x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad):
     codes, groups, row_scale = ctx.saved_tensors
-    w = decode_weight(codes, groups, row_scale, *ctx.meta).to(grad.dtype)
-    grad_x = (grad @ w).to(ctx.x_dtype)
-    return grad_x, None, None, None, None, None, None, None, None
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = decode_weight(codes, groups, row_scale, *ctx.meta).to(grad.dtype)
+        grad_x = (grad @ w).to(ctx.x_dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:  # a trainable bias (e.g. BitFit)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_bias, None, None, None, None
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)

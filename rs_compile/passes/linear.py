@@ -163,8 +163,22 @@ def input_tag(module: str) -> str:
     return re.sub(r"\W", "_", module)
 
 
-def skip_reason(w, config, outside: list[fx.Node], mutated: bool) -> str | None:
-    """Why a matched weight stays dense, or None when it can be compressed."""
+FROZEN_REASON = ("weight requires grad and the graph is compiled with grad enabled (training): "
+                 "compressing would freeze it and leave its .grad None - kept dense; for inference "
+                 "compile under torch.no_grad()/inference_mode() or requires_grad_(False), or pass "
+                 "frozen_weights=True to train adapters around frozen compressed weights")
+
+
+def needs_grad(rw, w, consumers) -> bool:
+    """True when autograd would compute a gradient for ``w`` through one of ``consumers``."""
+    return (isinstance(w, torch.Tensor) and w.requires_grad
+            and any(rw.grad_enabled(n) for n in consumers))
+
+
+def skip_reason(w, config, outside: list[fx.Node], mutated: bool,
+                trained: bool = False) -> str | None:
+    """Why a matched weight stays dense, or None when it can be compressed. ``trained``: the
+    weight receives a gradient in this graph (see :func:`needs_grad`)."""
     if not isinstance(w, torch.Tensor):
         return "weight value unknown at compile time"
     if not w.is_floating_point():
@@ -175,6 +189,8 @@ def skip_reason(w, config, outside: list[fx.Node], mutated: bool) -> str | None:
         return f"weight {tuple(w.shape)} smaller than min_features={config.min_features}"
     if mutated:
         return "weight is mutated in the graph (compressing would freeze a stale copy)"
+    if trained and not config.frozen_weights:
+        return FROZEN_REASON
     if outside and not config.compress_tied:
         names = sorted({n.name for n in outside})
         return (f"weight is also read by {names} (tied); compressing would keep a dense copy "
@@ -182,6 +198,11 @@ def skip_reason(w, config, outside: list[fx.Node], mutated: bool) -> str | None:
     if not torch.isfinite(w).all():
         return "weight contains NaN/Inf values"
     return None
+
+
+def reencoder(stored_in_out: bool, config) -> Callable:
+    """Packed tensors of an edited weight (GraphRewrite.add_derived's ``rebuild``)."""
+    return lambda ws: encode_parameter(ws[0], stored_in_out, config.format, config.curvatures).tensors()
 
 
 def act_bits_kwargs(config) -> dict:
@@ -210,14 +231,16 @@ def compress_linears(rw, config, report: Report) -> int:
         w = m.weight_tensor if m.weight_tensor is not None else rw.value_of(m.weight)
         if m.weight not in encoded:
             outside = [] if m.pattern == "call_module" else readers_outside(m.weight, consumers_of[m.weight])
-            reason = skip_reason(w, config, outside, m.pattern != "call_module" and is_mutated(m.weight))
+            reason = skip_reason(w, config, outside, m.pattern != "call_module" and is_mutated(m.weight),
+                                 needs_grad(rw, w, consumers_of[m.weight]))
             if reason:
                 report.skip(name, reason)
                 encoded[m.weight] = None
                 continue
             enc = encode_parameter(w, m.stored_in_out, config.format, config.curvatures)
-            nodes = tuple(rw.add_input(f"{input_tag(name)}_{kind}", t) for kind, t in
-                          zip(PACKED, enc.tensors()))
+            nodes = tuple(rw.add_derived(  # re-encoded when the parameter is edited after compiling
+                [f"{input_tag(name)}_{kind}" for kind in PACKED], enc.tensors(),
+                [w if m.pattern == "call_module" else m.weight], reencoder(m.stored_in_out, config)))
             encoded[m.weight] = (enc, nodes)
         if encoded[m.weight] is None:
             continue

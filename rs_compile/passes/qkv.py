@@ -28,6 +28,7 @@ from rs_compile.passes.linear import (
     readers_outside,
     input_tag,
     match_linear,
+    needs_grad,
     skip_reason,
 )
 from rs_compile.report import LinearRewrite, Report, module_name
@@ -53,25 +54,47 @@ def _skip_reason(rw, config, m: LinearMatch) -> str | None:
         return "weight is a graph input, not a module parameter (would snapshot user data)"
     if m.bias is not None and not (isinstance(m.bias, fx.Node) and rw.is_parameter(m.bias)):
         return "bias is not a module parameter"
+    if m.bias is not None and needs_grad(rw, rw.value_of(m.bias), {m.node}):
+        return "bias requires grad: the fused op's bias is a concatenated copy that gets no gradient"
     outside = readers_outside(m.weight, {m.node})
-    return skip_reason(rw.value_of(m.weight), config, outside, is_mutated(m.weight))
+    w = rw.value_of(m.weight)
+    return skip_reason(w, config, outside, is_mutated(m.weight), needs_grad(rw, w, {m.node}))
+
+
+def _pack(layout: tuple, config, weights, biases) -> tuple[list, list, torch.Tensor | None]:
+    """(encodings, concatenated packed tensors, concatenated bias or None) of projections with
+    ``weights`` and ``biases`` (one per projection that has one); ``layout`` holds each one's
+    (stored_in_out, has_bias)."""
+    encs = [encode_parameter(w, stored_in_out, config.format, config.curvatures)
+            for (stored_in_out, _), w in zip(layout, weights)]
+    packed = [torch.cat(ts) for ts in zip(*(e.tensors() for e in encs))]
+    if not biases:
+        return encs, packed, None
+    values = iter(biases)
+    values = [next(values).detach() if has_bias else None for _, has_bias in layout]
+    dtype = next(v.dtype for v in values if v is not None)
+    bias = torch.cat([v.to(dtype) if v is not None else torch.zeros(e.out_features, dtype=dtype)
+                      for v, e in zip(values, encs)])
+    return encs, packed, bias
 
 
 def _fuse(rw, config, group: list[LinearMatch], report: Report) -> None:
     graph = rw.gm.graph
-    encs = [encode_parameter(rw.value_of(m.weight), m.stored_in_out, config.format, config.curvatures)
-            for m in group]
+    biases = [m.bias for m in group if m.bias is not None]
+    sources = [m.weight for m in group] + biases
+    layout = tuple((m.stored_in_out, m.bias is not None) for m in group)
+    encs, packed, bias_value = _pack(layout, config, [rw.value_of(m.weight) for m in group],
+                                     [rw.value_of(b) for b in biases])
     sizes = [e.out_features for e in encs]
     tag = "_".join(filter(None, (input_tag(_parent(group[0].node)), "qkv")))
-    packed = [torch.cat(ts) for ts in zip(*(e.tensors() for e in encs))]
-    nodes = [rw.add_input(f"{tag}_{kind}", t) for kind, t in zip(PACKED, packed)]
-    bias = None
-    if any(m.bias is not None for m in group):
-        values = [rw.value_of(m.bias).detach() if m.bias is not None else None for m in group]
-        dtype = next(v.dtype for v in values if v is not None)
-        bias = rw.add_input(f"{tag}_bias", torch.cat([
-            v.to(dtype) if v is not None else torch.zeros(n, dtype=dtype)
-            for v, n in zip(values, sizes)]))
+    names = [f"{tag}_{kind}" for kind in PACKED] + ([f"{tag}_bias"] if biases else [])
+
+    def rebuild(ts):  # the weights or biases were edited after compiling
+        _, packed, bias = _pack(layout, config, ts[:len(layout)], ts[len(layout):])
+        return [*packed, *([bias] if bias is not None else [])]
+
+    nodes = rw.add_derived(names, [*packed, *([bias_value] if biases else [])], sources, rebuild)
+    nodes, bias = nodes[:len(PACKED)], (nodes[len(PACKED)] if biases else None)
     e = encs[0]
     first = group[0].node
     with graph.inserting_before(first):

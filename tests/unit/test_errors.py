@@ -46,6 +46,7 @@ INVALID_OPTIONS = [
     *(({"group_size": g}, rf"group_size={g!r} is invalid; it must be a positive multiple of 8")
       for g in (0, -8, 12, 7, 64.0)),
     ({"bitz": 4}, r"unknown rs_compile option\(s\) \['bitz'\]; valid options are \[.*'bits'"),
+    ({"frozen_weights": 1}, r"frozen_weights=1 is invalid; it must be True or False"),
 ]
 
 

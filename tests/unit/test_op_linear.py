@@ -63,6 +63,19 @@ def test_opcheck():
         )
 
 
+def test_trainable_bias_gets_its_gradient():
+    """The weight is frozen, the bias is not: a trainable bias (BitFit, or a compiled model with
+    frozen compressed weights) must not get a silent grad=None."""
+    enc, b = _layer()
+    for x in (torch.randn(3, 100, requires_grad=True), torch.randn(2, 5, 100)):
+        bias = b.clone().requires_grad_()
+        args = (x, *enc.tensors(), bias, enc.bits, enc.group_size, enc.in_features)
+        torch.library.opcheck(torch.ops.rs.linear.default, args)
+        g = torch.randn(*x.shape[:-1], 48)
+        (_call(x, enc, bias) * g).sum().backward()
+        torch.testing.assert_close(bias.grad, g.reshape(-1, 48).sum(0))
+
+
 def test_bad_inputs_raise_clear_errors():
     enc, b = _layer()
     with pytest.raises(ValueError, match="x has 99 features but the layer expects 100"):
