@@ -42,6 +42,7 @@ def compile_graph(
     from rs_compile.lowering.cache import inductor_config_patches
     from rs_compile.passes.attention import rewrite_attention
     from rs_compile.passes.graph import GraphRewrite
+    from rs_compile.passes.leftovers import report_dense_weights
     from rs_compile.passes.linear import compress_linears
     from rs_compile.passes.qkv import fuse_qkv_projections
 
@@ -51,6 +52,7 @@ def compile_graph(
     rewrite_attention(rw, config, local)
     fuse_qkv_projections(rw, config, local)  # before compress_linears, which takes the rest
     compress_linears(rw, config, local)
+    report_dense_weights(rw, config, local)  # what stays dense with no entry yet (fused kernels)
     new_gm = rw.finish()
     if record_graphs:
         local.graphs_before.append(readable_graph(gm))

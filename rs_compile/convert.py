@@ -28,8 +28,10 @@ def _conv1d_type():
 
 
 def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight in [out, in] layout, bias) of a layer convert understands, else None."""
-    if type(module) is nn.Linear:
+    """(weight in [out, in] layout, bias) of a layer convert understands, else None: nn.Linear
+    and its subclasses (convert checks that a subclass's forward is still x @ W.T + b, see
+    :func:`_subclass_mismatch_linear`), transformers' Conv1D."""
+    if isinstance(module, nn.Linear):
         return module.weight, module.bias
     conv1d = _conv1d_type()
     if conv1d is not None and type(module) is conv1d:
@@ -86,10 +88,8 @@ def convert(
             heads[name] = (module, table_of[id(module.weight)])
             continue
         if lw is None:
-            if isinstance(module, nn.Linear):
-                report.skip(name, f"{type(module).__qualname__} subclasses nn.Linear and its forward "
-                            "may do more than x @ W.T + b; only exact nn.Linear / Conv1D are "
-                            "converted (torch.compile still rewrites the linear calls it traces)")
+            if (reason := _quantized_reason(module)) is not None:
+                report.skip(name, reason)
             continue
         weight, bias = lw
         reason = _skip_reason(name, module, weight, config, tied)
@@ -102,7 +102,15 @@ def convert(
                 "checkpoint, or exclude the layer by converting a sub-module instead. "
                 "The model was left unchanged."
             )
+        if (reason := _subclass_mismatch_linear(module)) is not None:
+            report.skip(name, reason)
+            continue
         layers[name] = Layer(module, weight, bias)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for leaf in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if getattr(module, leaf, None) is not None:
+                    report.skip(f"{name}.{leaf}".lstrip("."), IN_PROJ_REASON.format(leaf))
 
     if items is None:
         encoded = {
@@ -118,7 +126,7 @@ def convert(
             new[name] = _tied_head(module, new[table], config, report, name, table)
     for name, (module, weight, bias) in layers.items():
         enc = encoded[name]
-        new[name] = CompressedLinear(enc, bias, config.act_bits).to(weight.device)
+        new[name] = CompressedLinear(enc, bias, config.act_bits, weight.dtype).to(weight.device)
         report.linear_rewrites.append(LinearRewrite(
             module=name, pattern=type(module).__name__, out_features=enc.out_features,
             in_features=enc.in_features, bits=enc.bits,
@@ -212,7 +220,59 @@ def _tied_head(module: nn.Module, table: nn.Module, config: CompressionConfig, r
     report.linear_rewrites.append(LinearRewrite(
         module=name, pattern=f"tied:{table_name}", out_features=enc.out_features,
         in_features=enc.in_features, bits=enc.bits, dense_bytes=0, compressed_bytes=0))
-    return CompressedLinear(enc, linear_weight(module)[1], config.act_bits)
+    return CompressedLinear(enc, linear_weight(module)[1], config.act_bits, module.weight.dtype)
+
+
+IN_PROJ_REASON = ("nn.MultiheadAttention.{} is a bare Parameter (no Linear module) "
+                  "that the attention passes whole to its fused kernel; only Linear layers are "
+                  "compressed (its out_proj is)")
+
+PROBE_ROWS = 4  # inputs a Linear subclass's overridden forward is checked on
+
+
+def _subclass_mismatch_linear(module: nn.Module) -> str | None:
+    """Why a Linear subclass that overrides ``forward`` cannot become a CompressedLinear, or None.
+
+    A subclass that keeps nn.Linear's forward (MultiheadAttention's NonDynamicallyQuantizableLinear)
+    is converted as is. One that overrides it (Falcon's ``FalconLinear``: ``x @ W.T + b``) is
+    converted when, on a seeded random input, its output matches ``F.linear`` with its own weight
+    and bias, as torch.compile's linear pattern matching would rewrite it; otherwise (it scales,
+    adds an adapter, fake-quantizes...) it is skipped with the reason.
+    """
+    if not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward:
+        return None
+    w, b = module.weight, module.bias
+    qualname = type(module).__qualname__
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_ROWS, module.in_features, generator=gen).to(w.device, w.dtype)
+    try:
+        with torch.no_grad():
+            got, expected = module(x), torch.nn.functional.linear(x, w, b)
+    except Exception as err:  # noqa: BLE001  (any failure: the forward is not a plain linear)
+        return (f"{qualname} subclasses nn.Linear and its forward fails on a probe input "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); only nn.Linear-"
+                "equivalent layers are converted")
+    tol = 1e-4 if w.dtype in (torch.float32, torch.float64) else 2e-2
+    if (not isinstance(got, torch.Tensor) or got.shape != expected.shape
+            or not torch.allclose(got.float(), expected.float(), rtol=tol,
+                                  atol=tol * float(expected.abs().max()))):
+        return (f"{qualname} subclasses nn.Linear and its forward gives other values than "
+                "x @ W.T + b on a probe input; only nn.Linear-equivalent layers are converted "
+                "(torch.compile rewrites only the plain linear calls it traces inside it)")
+    return None
+
+
+def _quantized_reason(module: nn.Module) -> str | None:
+    """The skip reason of a torch.ao quantized layer (quantize_dynamic's int8 Linear), else None."""
+    cls = type(module)
+    if not cls.__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized",
+                                      "torch.ao.nn.intrinsic.quantized")):
+        return None
+    if cls.__name__.endswith("PackedParams") or not hasattr(module, "_packed_params"):
+        return None
+    return (f"{cls.__module__}.{cls.__qualname__} is already quantized by torch.ao.quantization "
+            "(int8 weights packed for its own kernels); rs_compile compresses floating-point "
+            "weights only: convert the float model instead")
 
 
 def _finite(param: torch.Tensor) -> bool:

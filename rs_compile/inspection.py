@@ -32,7 +32,18 @@ def inspect(
     pairs = [(a, e) for a, e in zip(tree_leaves(actual), tree_leaves(expected))
              if isinstance(a, torch.Tensor) and a.is_floating_point()]
     report = backend.report
+    _report_quantized(model, report)
     if pairs:
         report.max_abs_error = max(float((a - e).abs().max()) for a, e in pairs)
         report.max_rel_error = max(float((a - e).norm() / e.norm().clamp_min(1e-30)) for a, e in pairs)
     return report
+
+
+def _report_quantized(model: torch.nn.Module, report: Report) -> None:
+    """Skip entries for torch.ao quantized layers (quantize_dynamic's int8 Linear): dynamo breaks
+    the graph at their packed-weight op, so the backend never sees them to say why."""
+    from rs_compile.convert import _quantized_reason
+
+    for name, module in model.named_modules():
+        if (reason := _quantized_reason(module)) is not None:
+            report.skip(name, reason)

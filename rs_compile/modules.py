@@ -22,9 +22,15 @@ class CompressedLinear(nn.Module):
     Buffers: the packed ``codes``, ``groups`` and ``row_scale`` (rs_compile.codec.format), and the
     dense ``bias`` if the original layer had one. No dense weight is kept. ``act_bits=8`` rounds
     the input to int8 per group first (rs_compile.codec.activations).
+
+    ``weight`` is a read-only property for model code that reads ``layer.weight`` itself (T5's
+    ``self.wo.weight.dtype`` check, the fused fast path of nn.TransformerEncoderLayer and
+    nn.MultiheadAttention, Swin's ``F.linear(x, self.proj.weight, ...)``): the dense weight decoded
+    from the codes, in ``weight_dtype`` (the replaced layer's dtype; ``model.to(dtype)`` moves it).
     """
 
-    def __init__(self, encoded: EncodedWeight, bias: torch.Tensor | None = None, act_bits: int = 0):
+    def __init__(self, encoded: EncodedWeight, bias: torch.Tensor | None = None, act_bits: int = 0,
+                 weight_dtype: torch.dtype = torch.float32):
         super().__init__()
         for name, t in zip(PACKED, encoded.tensors()):
             self.register_buffer(name, t)
@@ -34,6 +40,30 @@ class CompressedLinear(nn.Module):
         self.in_features = encoded.in_features
         self.out_features = encoded.out_features
         self.act_bits = act_bits
+        self.weight_dtype = weight_dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight ``[out_features, in_features]`` the codes represent, decoded at every
+        access; dtype ``weight_dtype``, on the codes' device, not a Parameter, no gradient.
+
+        Nothing is cached, so no dense copy stays resident: each access costs one full decode
+        (about the work of one forward at batch 1, and a transient ``out x in`` tensor). Code that
+        only checks ``.dtype`` / ``.device`` / ``.shape`` pays it too: read ``weight_dtype``,
+        ``codes.device`` or ``(out_features, in_features)`` instead where you can. Computing with
+        it (``F.linear(x, layer.weight)``) gives the values ``forward`` multiplies by.
+        """
+        return self.dequantize().to(self.weight_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() / .bfloat16() cast floating-point tensors: track what they do
+        # to one, so that ``weight`` reads back in the model's new dtype as a Linear's would.
+        try:
+            self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype,
+                                               device=self.codes.device)).dtype
+        except Exception:  # noqa: BLE001  (a conversion that takes no tensor: keep the dtype)
+            pass
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.codes, self.groups, self.row_scale, self.bias, self.bits,
@@ -51,7 +81,7 @@ class CompressedLinear(nn.Module):
         Format.packed_specs) describe: what load rebuilds a saved layer from."""
         enc = EncodedWeight(*(packed[name] for name in PACKED),
                             Format(meta["bits"], meta["group_size"]), meta["in_features"])
-        return cls(enc, bias, meta["act_bits"])
+        return cls(enc, bias, meta["act_bits"], bias.dtype if bias is not None else torch.float32)
 
     def meta(self) -> dict:
         return dict(bits=self.bits, group_size=self.group_size, in_features=self.in_features,

@@ -17,6 +17,7 @@ class LinearRewrite:
     bits: int
     dense_bytes: int
     compressed_bytes: int
+    calls: int = 1  # calls sharing these codes (ALBERT's layers share one set of weights)
 
 
 @dataclasses.dataclass
@@ -66,12 +67,15 @@ class Report:
         self.fused_qkv += other.fused_qkv
 
     def __str__(self) -> str:
-        width = max([12, *(len(r.pattern) for r in self.linear_rewrites)])
+        def pattern(r):
+            return r.pattern + (f" x{r.calls}" if r.calls > 1 else "")
+
+        width = max([12, *(len(pattern(r)) for r in self.linear_rewrites)])
         rows = [f"{'module':<44} {'pattern':<{width}} {'shape':>12} {'bits':>4} {'bytes':>19}"]
         for r in self.linear_rewrites:
             shape = f"{r.out_features}x{r.in_features}"
             size = f"{r.dense_bytes:,}->{r.compressed_bytes:,}"
-            rows.append(f"{r.module:<44} {r.pattern:<{width}} {shape:>12} {r.bits:>4} {size:>19}")
+            rows.append(f"{r.module:<44} {pattern(r):<{width}} {shape:>12} {r.bits:>4} {size:>19}")
         dense = sum(r.dense_bytes for r in self.linear_rewrites)
         packed = sum(r.compressed_bytes for r in self.linear_rewrites)
         ratio = f" ({dense / packed:.2f}x smaller)" if packed else ""

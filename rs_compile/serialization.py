@@ -231,6 +231,7 @@ def _compressed_module(file: Path, name: str, module: nn.Module | None, m: dict,
             layer = compress_embedding(module, enc)
         else:
             layer = CompressedLinear.from_meta(m, packed, tensors[f"{name}.bias"] if m["bias"] else None)
+            layer.weight_dtype = weight.dtype  # what ``layer.weight`` reads back as
     except (KeyError, TypeError) as err:
         raise ValueError(f"{file}: compressed layer {name!r} has incomplete metadata ({err!r})") from None
     if layer.meta() != m:

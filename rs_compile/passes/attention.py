@@ -317,10 +317,69 @@ def _walk_scores(qk: fx.Node, softmax: fx.Node) -> tuple[float, list]:
     return scale, masks
 
 
+def _is_bmm(node, *names: str) -> bool:
+    """``torch.bmm(a, b)`` / ``a.bmm(b)`` (and the like for the other ``names``)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return any(node.target is getattr(torch, n) for n in names)
+    return node.op == "call_method" and node.target in names
+
+
+_RESHAPES = {"reshape", "contiguous", "view_as", "flatten", "unflatten"}
+
+
+def _batched_heads_reason(softmax: fx.Node) -> str | None:
+    """Why an attention computed with ``bmm`` on ``[batch * heads, T, *]`` views is not matched
+    (Bloom, DeBERTa-v2), or None when the softmax does not feed ``bmm(probs, v)``.
+
+    rs::attention takes 4-D [B, H, T, D] attention whose scores are ``q @ k^T`` (scaled) plus an
+    additive mask; these compute the scores with extra terms the matcher does not take apart.
+    """
+    node, steps = softmax, 0
+    while steps < 6:
+        users = _readers(node)
+        pv = next((u for u in users if _is_bmm(u, "bmm") and u.args[0] is node), None)
+        if pv is not None:
+            break
+        step = next((u for u in users if is_float_cast(u) or op_name(u) in ("dropout", *_RESHAPES)), None)
+        if step is None:
+            return None
+        node, steps = step, steps + 1
+    else:
+        return None
+    # What produced the scores: a few ops back from the softmax.
+    frontier, seen, baddbmm, products = [softmax.args[0]], set(), False, 0
+    while frontier and len(seen) < 48:  # breadth first; stops at the products
+        cur = frontier.pop(0)
+        if not isinstance(cur, fx.Node) or cur in seen:
+            continue
+        seen.add(cur)
+        if _is_bmm(cur, "baddbmm"):
+            baddbmm = True
+        elif _is_bmm(cur, "bmm", "matmul") or op_name(cur) == "matmul":
+            products += 1
+        elif cur.op in ("call_function", "call_method"):
+            frontier.extend(cur.all_input_nodes)
+    parts = ["probabilities @ v is torch.bmm on [batch * heads, T, S] views, not matmul / "
+             "SDPA on [B, H, T, D]"]
+    if baddbmm:
+        parts.append("the scores are baddbmm(bias, q, k^T) (ALiBi: a per-head position bias "
+                     "folded into the product)")
+    elif products > 1:
+        parts.append(f"the scores add {products - 1} more product(s) to q @ k^T (relative-position "
+                     "terms such as DeBERTa's c2p/p2c)")
+    return "; ".join(parts) + "; this form is not matched (left dense, exact)"
+
+
 def match_eager(softmax: fx.Node) -> AttentionMatch | None:
-    """None when ``softmax`` is not followed by ``matmul(., v)`` (not attention at all)."""
+    """None when ``softmax`` is not followed by ``matmul(., v)`` (not attention at all); a
+    NearMiss when it is attention in a form the matcher does not take (``bmm`` on 3-D views)."""
     pv = _probs_to_pv(softmax)
     if pv is None:
+        reason = _batched_heads_reason(softmax)
+        if reason:
+            raise NearMiss(reason)
         return None
     x = softmax.args[0]
     ndim = getattr(_val(x), "ndim", None)

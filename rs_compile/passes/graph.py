@@ -62,7 +62,11 @@ class GraphRewrite:
         last = self.placeholders[-1] if self.placeholders else None
         ctx = self.gm.graph.inserting_after(last) if last else self.gm.graph.inserting_before()
         with ctx:
-            node = self.gm.graph.placeholder(f"rs_{name}")  # the graph uniquifies repeated names
+            node = self.gm.graph.placeholder(f"rs_{name}")
+        # The graph uniquifies the node's name but not its target, and a placeholder's target is
+        # the argument name in the generated code: two weights read in one module (two F.linear
+        # calls in a Swin attention) would otherwise both be ``rs_<module>_codes``.
+        node.target = node.name
         node.meta["example_value"] = value
         self.placeholders.append(node)
         self._values[node] = value

@@ -210,8 +210,44 @@ def act_bits_kwargs(config) -> dict:
     return {"act_bits": config.act_bits} if config.act_bits else {}
 
 
+def weight_owner(rw, node: fx.Node) -> str | None:
+    """Module path owning the parameter behind ``node`` ("h.0.attn.qkv"), when dynamo says."""
+    from rs_compile.report import _clean_path
+
+    if node.op == "get_attr":
+        path = node.target
+    else:
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        path = getattr(source, "name", None)
+        path = path() if callable(path) else path
+        if not isinstance(path, str):
+            return None
+        path = ("." + _clean_path(path)).replace("._modules.", ".")
+    owner, sep, _ = path.rpartition("._parameters.")
+    if not sep:
+        owner = path.rpartition(".")[0]
+    return owner.strip(".") or None
+
+
+def rewrite_name(rw, m: LinearMatch) -> str:
+    """The calling module, or the weight's own module when the caller is its parent: a Swin-style
+    attention calling ``F.linear(x, self.qkv.weight)`` and ``F.linear(x, self.proj.weight)``
+    reports ``attn.qkv`` and ``attn.proj`` rather than ``attn`` twice."""
+    name = module_name(m.node)
+    if m.pattern == "call_module":
+        return name
+    owner = weight_owner(rw, m.weight)
+    if owner and (name.startswith("<") or owner.startswith(name + ".")):
+        return owner
+    return name
+
+
 def compress_linears(rw, config, report: Report) -> int:
-    """Rewrite every matched linear of ``rw`` (a GraphRewrite); returns the number rewritten."""
+    """Rewrite every matched linear of ``rw`` (a GraphRewrite); returns the number rewritten.
+
+    A weight read by several calls (ALBERT's shared layers) is encoded once, its codes are one
+    set of inputs shared by every call, and it is reported once (``calls`` counts the calls).
+    """
     from rs_compile.ops.linear import linear  # noqa: F401  (registers rs::linear)
 
     graph = rw.gm.graph
@@ -221,12 +257,23 @@ def compress_linears(rw, config, report: Report) -> int:
         consumers_of.setdefault(m.weight, set()).add(m.node)
         if m.pattern in ("mm+add", "matmul+add"):
             consumers_of[m.weight].update(m.node.all_input_nodes)
+    # Matches are found up front, so a match's input may be an earlier match's node, replaced
+    # and erased since (a linear feeding a linear: ALBERT's embedding projection into layer 0).
+    replaced: dict[fx.Node, fx.Node] = {}
+
+    def current(arg):
+        while isinstance(arg, fx.Node) and arg in replaced:
+            arg = replaced[arg]
+        return arg
+
     encoded: dict[fx.Node, tuple] = {}
     count = 0
     for m in matches:
-        name = module_name(m.node)
+        name = rewrite_name(rw, m)
         if m.weight_tensor is None and not rw.is_parameter(m.weight):
-            report.skip(name, "weight is a graph input, not a module parameter (would snapshot user data)")
+            if m.weight not in encoded:  # reported once however many calls read it
+                report.skip(name, "weight is a graph input, not a module parameter (would snapshot user data)")
+                encoded[m.weight] = None
             continue
         w = m.weight_tensor if m.weight_tensor is not None else rw.value_of(m.weight)
         if m.weight not in encoded:
@@ -241,25 +288,31 @@ def compress_linears(rw, config, report: Report) -> int:
             nodes = tuple(rw.add_derived(  # re-encoded when the parameter is edited after compiling
                 [f"{input_tag(name)}_{kind}" for kind in PACKED], enc.tensors(),
                 [w if m.pattern == "call_module" else m.weight], reencoder(m.stored_in_out, config)))
-            encoded[m.weight] = (enc, nodes)
+            encoded[m.weight] = (enc, nodes, None)
         if encoded[m.weight] is None:
             continue
-        enc, nodes = encoded[m.weight]
-        bias = m.bias
+        enc, nodes, entry = encoded[m.weight]
+        bias = current(m.bias)
         if m.pattern == "call_module" and rw.gm.get_submodule(m.node.target).bias is not None:
             bias = rw.add_input(input_tag(name) + "_bias", rw.gm.get_submodule(m.node.target).bias)
         with graph.inserting_before(m.node):
             new = graph.call_function(
                 torch.ops.rs.linear.default,
-                (m.x, *nodes, bias, enc.bits, enc.group_size, enc.in_features),
+                (current(m.x), *nodes, bias, enc.bits, enc.group_size, enc.in_features),
                 act_bits_kwargs(config),
             )
         new.meta.update({k: v for k, v in m.node.meta.items() if k != "example_value"})
         m.node.replace_all_uses_with(new)
         graph.erase_node(m.node)
+        replaced[m.node] = new
         count += 1
-        report.linear_rewrites.append(LinearRewrite(
+        if entry is not None:
+            entry.calls += 1
+            continue
+        entry = LinearRewrite(
             module=name, pattern=m.pattern, out_features=enc.out_features,
             in_features=enc.in_features, bits=enc.bits,
-            dense_bytes=w.numel() * w.element_size(), compressed_bytes=enc.nbytes()))
+            dense_bytes=w.numel() * w.element_size(), compressed_bytes=enc.nbytes())
+        report.linear_rewrites.append(entry)
+        encoded[m.weight] = (enc, nodes, entry)
     return count

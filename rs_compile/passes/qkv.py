@@ -48,17 +48,18 @@ def projection_groups(rw) -> list[list[LinearMatch]]:
     return [g for g in groups.values() if len(g) == 3]
 
 
-def _skip_reason(rw, config, m: LinearMatch) -> str | None:
-    """Why one projection cannot join the fused op (the same rules as compress_linears)."""
+def _skip_reason(rw, config, m: LinearMatch, consumers: set[fx.Node]) -> str | None:
+    """Why one projection cannot join the fused op (the same rules as compress_linears).
+    ``consumers``: the projections fused with these weights (several when layers share them)."""
     if not rw.is_parameter(m.weight):
         return "weight is a graph input, not a module parameter (would snapshot user data)"
     if m.bias is not None and not (isinstance(m.bias, fx.Node) and rw.is_parameter(m.bias)):
         return "bias is not a module parameter"
-    if m.bias is not None and needs_grad(rw, rw.value_of(m.bias), {m.node}):
+    if m.bias is not None and needs_grad(rw, rw.value_of(m.bias), consumers):
         return "bias requires grad: the fused op's bias is a concatenated copy that gets no gradient"
-    outside = readers_outside(m.weight, {m.node})
+    outside = readers_outside(m.weight, consumers)
     w = rw.value_of(m.weight)
-    return skip_reason(w, config, outside, is_mutated(m.weight), needs_grad(rw, w, {m.node}))
+    return skip_reason(w, config, outside, is_mutated(m.weight), needs_grad(rw, w, consumers))
 
 
 def _pack(layout: tuple, config, weights, biases) -> tuple[list, list, torch.Tensor | None]:
@@ -78,23 +79,31 @@ def _pack(layout: tuple, config, weights, biases) -> tuple[list, list, torch.Ten
     return encs, packed, bias
 
 
-def _fuse(rw, config, group: list[LinearMatch], report: Report) -> None:
-    graph = rw.gm.graph
+def _fused_inputs(rw, config, group: list[LinearMatch]):
+    """Encoded weights, output sizes, and the new inputs (codes..., bias) of one fused op; the
+    inputs are re-encoded when the weights or biases are edited after compiling."""
     biases = [m.bias for m in group if m.bias is not None]
     sources = [m.weight for m in group] + biases
     layout = tuple((m.stored_in_out, m.bias is not None) for m in group)
     encs, packed, bias_value = _pack(layout, config, [rw.value_of(m.weight) for m in group],
                                      [rw.value_of(b) for b in biases])
-    sizes = [e.out_features for e in encs]
     tag = "_".join(filter(None, (input_tag(_parent(group[0].node)), "qkv")))
     names = [f"{tag}_{kind}" for kind in PACKED] + ([f"{tag}_bias"] if biases else [])
 
-    def rebuild(ts):  # the weights or biases were edited after compiling
+    def rebuild(ts):
         _, packed, bias = _pack(layout, config, ts[:len(layout)], ts[len(layout):])
         return [*packed, *([bias] if bias is not None else [])]
 
     nodes = rw.add_derived(names, [*packed, *([bias_value] if biases else [])], sources, rebuild)
-    nodes, bias = nodes[:len(PACKED)], (nodes[len(PACKED)] if biases else None)
+    bias = nodes[len(PACKED)] if biases else None
+    return encs, [e.out_features for e in encs], nodes[:len(PACKED)], bias
+
+
+def _fuse(rw, config, group: list[LinearMatch], inputs, report: Report, entries: list | None) -> list:
+    """Replace ``group`` by one op over ``inputs``; ``entries`` are the report rows of an earlier
+    group sharing these weights (their ``calls`` grow), None for the first."""
+    graph = rw.gm.graph
+    encs, sizes, nodes, bias = inputs
     e = encs[0]
     first = group[0].node
     with graph.inserting_before(first):
@@ -111,32 +120,49 @@ def _fuse(rw, config, group: list[LinearMatch], report: Report) -> None:
         meta["nn_module_stack"] = dict(list(stack.items())[:-1])
     fused.meta.update(meta)
     parts.meta.update(meta)
-    for m, out, enc in zip(group, outs, encs):
+    new_entries = []
+    for i, (m, out, enc) in enumerate(zip(group, outs, encs)):
         out.meta.update({k: v for k, v in m.node.meta.items() if k != "example_value"})
         out.args[0].meta.update(out.meta)
         m.node.replace_all_uses_with(out)
         graph.erase_node(m.node)
+        if entries is not None:
+            entries[i].calls += 1
+            continue
         w = rw.value_of(m.weight)
-        report.linear_rewrites.append(LinearRewrite(
+        new_entries.append(LinearRewrite(
             module=module_name(out), pattern="fused_qkv", out_features=enc.out_features,
             in_features=enc.in_features, bits=enc.bits,
             dense_bytes=w.numel() * w.element_size(), compressed_bytes=enc.nbytes()))
+    report.linear_rewrites.extend(new_entries)
+    return entries if entries is not None else new_entries
 
 
 def fuse_qkv_projections(rw, config, report: Report) -> int:
-    """Fuse every q/k/v projection triple of ``rw`` (a GraphRewrite); returns the number fused."""
+    """Fuse every q/k/v projection triple of ``rw`` (a GraphRewrite); returns the number fused.
+
+    Triples reading the same three weights (ALBERT calls one layer's modules in every layer) share
+    one set of fused codes, encoded once and reported once."""
     if not config.fuse_qkv:
         return 0
     from rs_compile.ops.linear import linear  # noqa: F401  (registers rs::linear)
 
-    count = 0
+    by_weights: dict[tuple, list[list[LinearMatch]]] = defaultdict(list)
     for group in projection_groups(rw):
-        reasons = [(module_name(m.node), r) for m in group if (r := _skip_reason(rw, config, m))]
+        by_weights[tuple(m.weight for m in group)].append(group)
+    count = 0
+    for groups in by_weights.values():
+        consumers = {m.node for group in groups for m in group}
+        group = groups[0]
+        reasons = [(module_name(m.node), r) for m in group
+                   if (r := _skip_reason(rw, config, m, consumers))]
         if reasons:
             name, reason = reasons[0]
             report.skip(_parent(group[0].node), f"q/k/v projections not fused: {name}: {reason}")
             continue
-        _fuse(rw, config, group, report)
-        count += 1
+        inputs, entries = _fused_inputs(rw, config, group), None
+        for group in groups:
+            entries = _fuse(rw, config, group, inputs, report, entries)
+            count += 1
     report.fused_qkv += count
     return count
