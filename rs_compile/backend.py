@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -43,7 +44,7 @@ def compile_graph(
     from rs_compile.passes.attention import rewrite_attention
     from rs_compile.passes.graph import GraphRewrite
     from rs_compile.passes.leftovers import report_dense_weights
-    from rs_compile.passes.linear import compress_linears
+    from rs_compile.passes.linear import FROZEN_REASON, compress_linears
     from rs_compile.passes.qkv import fuse_qkv_projections
 
     install_lowerings()
@@ -62,6 +63,9 @@ def compile_graph(
              len(gm.graph.nodes))
     for s in local.skipped:
         log.debug("skipped %s: %s", s.module, s.reason)
+    trainable = sum(s.reason == FROZEN_REASON for s in local.skipped)
+    if trainable:  # the common surprise: an eval-mode model called without torch.no_grad()
+        warnings.warn(f"rs_compile: {trainable} linear(s) kept dense: {FROZEN_REASON}", stacklevel=2)
     torch._logging.trace_structured(
         "artifact",
         metadata_fn=lambda: {"name": "rs_compile_rewritten_graph", "encoding": "string"},
