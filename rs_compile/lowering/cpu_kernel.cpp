@@ -1,0 +1,417 @@
+// CPU kernel of rs::linear for the v2 format (rs_compile/codec/format.py):
+//   y[m, n] = row_scale[n] * sum_g k[n, g] * sum_{j in g} x[m, j] * LEVELS[c[n, g]][q[n, j]] + bias[n]
+// and the decode of whole rows (w = row_scale * k * level, float32) for the decode-then-GEMM path.
+//
+// Built once per machine by Inductor's C++ toolchain (rs_compile/lowering/cpu_kernel.py) with its
+// flags; the vector paths carry their own target attributes and are chosen at run time from
+// __builtin_cpu_supports, so one build serves the machine it was built on whatever Inductor's
+// ISA flags are:
+//   * AVX-512 F (+BW, VL, DQ for the helpers), 4-, 5- and 8-bit codes, group_size % 32 == 0:
+//     levels looked up from per-group float tables held in registers (vpermps / vpermt2ps over the
+//     k-scaled table), FMA with float activations; int8 activations (act_bits=8) with
+//     AVX512-VNNI + VBMI: levels looked up as bytes (vpermb / vpermt2b over all four curvature
+//     tables at once), vpdpbusd against the int8 activations, exact int32 sums per 64 code bytes.
+//   * everything else (2/3 bits, other group sizes, CPUs without AVX-512): plain C++, one group
+//     decoded into a float buffer then multiplied (the compiler vectorises what it can).
+// Every level times its step, k * LEVELS, is an integer below 2**14 (exact in float32), so all
+// paths decode bit-identically and differ from decode + F.linear only in the order of float sums.
+//
+// Accumulation bounds (int8 path): one int32 lane sums 4 bytes from each of the two 64-byte code
+// vectors of a chunk: 8 products |(level + 128) * x8| <= 255 * 127, i.e. below 2**18, then the
+// lane is converted to float; nothing accumulates in int32 across chunks, so no group_size limit
+// comes from overflow. The float paths accumulate in float32.
+//
+// Entry: kernel(...) returns 0 on success, a negative status for arguments it refuses (checked
+// before anything is read); the Python side checks shapes first, this is the second line.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int kMaxRows = 8;  // rows of x per pass over the weight (callers split larger M)
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct Layer {
+  const uint8_t* codes;
+  const uint8_t* groups;
+  const uint16_t* row_scale;
+  const float* bias;  // may be null
+  int64_t N, K, G, ng, bits;
+  int64_t row_bytes;  // ng * G * bits / 8
+  const float* levels;  // [tables][2**bits] as float
+  int ntables;
+};
+
+// ---------------------------------------------------------------- generic (any width / group)
+
+const int* planes_of(int64_t bits, int* count) {
+  static const int p2[] = {2}, p3[] = {2, 1}, p4[] = {4}, p5[] = {4, 1}, p8[] = {8};
+  switch (bits) {
+    case 2: *count = 1; return p2;
+    case 3: *count = 2; return p3;
+    case 4: *count = 1; return p4;
+    case 5: *count = 2; return p5;
+    case 8: *count = 1; return p8;
+  }
+  *count = 0;
+  return nullptr;
+}
+
+// w[0..G) = k * LEVELS[c][q] for group g of row n (without the row scale)
+void decode_group_generic(const Layer& L, int64_t n, int64_t g, float* w) {
+  const uint8_t* p = L.codes + n * L.row_bytes + g * (L.G * L.bits / 8);
+  const int8_t gb = static_cast<int8_t>(L.groups[n * L.ng + g]);
+  const int cb = L.bits == 8 ? 0 : 2;
+  const int k = gb >> cb;  // arithmetic shift of the signed byte
+  const int c = gb & ((1 << cb) - 1);
+  const float* lv = L.levels + (static_cast<int64_t>(c) << L.bits);
+  int np;
+  const int* planes = planes_of(L.bits, &np);
+  int q[1024];  // G <= 1024 (checked by the entry)
+  for (int64_t j = 0; j < L.G; ++j) q[j] = 0;
+  int low = 0;
+  for (int pi = 0; pi < np; ++pi) {
+    const int w_ = planes[pi];
+    const int64_t nbytes = L.G * w_ / 8;
+    const int mask = (1 << w_) - 1;
+    for (int t = 0; t < 8 / w_; ++t)  // code t * nbytes + b sits in byte b at bit w * t
+      for (int64_t b = 0; b < nbytes; ++b) q[t * nbytes + b] |= ((p[b] >> (w_ * t)) & mask) << low;
+    p += nbytes;
+    low += w_;
+  }
+  const float kf = static_cast<float>(k);
+  for (int64_t j = 0; j < L.G; ++j) w[j] = kf * lv[q[j]];
+}
+
+void gemv_rows_generic(const Layer& L, const float* xp, int64_t M, int64_t Kp, float* y,
+                       int64_t n0, int64_t n1) {
+  float w[1024];
+  for (int64_t n = n0; n < n1; ++n) {
+    float acc[kMaxRows] = {0};
+    for (int64_t g = 0; g < L.ng; ++g) {
+      decode_group_generic(L, n, g, w);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = xp + m * Kp + g * L.G;
+        float s[8] = {0};  // G % 8 == 0; eight partial sums let the compiler vectorise
+        for (int64_t j = 0; j < L.G; j += 8)
+          for (int i = 0; i < 8; ++i) s[i] += xr[j + i] * w[j + i];
+        acc[m] += ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+      }
+    }
+    const float rs = bf16_to_float(L.row_scale[n]);
+    const float b = L.bias ? L.bias[n] : 0.0f;
+    for (int64_t m = 0; m < M; ++m) y[m * L.N + n] = rs * acc[m] + b;
+  }
+}
+
+void decode_rows_generic(const Layer& L, float* out, int64_t n0, int64_t n1) {
+  float w[1024];
+  for (int64_t n = n0; n < n1; ++n) {
+    const float rs = bf16_to_float(L.row_scale[n]);
+    float* o = out + n * L.K;
+    for (int64_t g = 0; g < L.ng; ++g) {
+      decode_group_generic(L, n, g, w);
+      const int64_t len = std::min(L.G, L.K - g * L.G);
+      for (int64_t j = 0; j < len; ++j) o[g * L.G + j] = rs * w[j];
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512 float paths
+#define RS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define RS_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vnni,fma")))
+
+// A decoder yields, for sub-block s of a group (s < G / 32), the weights k * level of codes
+// 16s .. 16s+15 (lo) and G/2 + 16s .. G/2 + 16s + 15 (hi) as 16 floats each.
+struct Dec4 {
+  __m512 t;
+  const uint8_t* p;
+  RS_AVX512 inline void group(const Layer& L, const uint8_t* gp, uint8_t gbyte) {
+    const int8_t gb = static_cast<int8_t>(gbyte);
+    t = _mm512_mul_ps(_mm512_loadu_ps(L.levels + ((gb & 3) << 4)), _mm512_set1_ps(float(gb >> 2)));
+    p = gp;
+  }
+  RS_AVX512 inline void get(const Layer&, int64_t s, __m512& lo, __m512& hi) const {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * s)));
+    lo = _mm512_permutexvar_ps(b, t);  // vpermps reads the low 4 bits of each index
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
+  }
+};
+
+// 5 bits: plane of 4 (G/2 bytes, like Dec4) then a plane of 1 (G/8 bytes): code j's fifth bit
+// is bit j / (G/8) of byte j % (G/8). Per lane, a dword permute brings that byte's dword and a
+// rotate puts the bit at position 4; vpternlogd merges it above the nibble, vpermt2ps looks the
+// 5-bit index up in the 32-entry table. The permute/rotate vectors depend on G only (Aux5).
+struct Aux5 {
+  // for s < G/32: [2s] lo, [2s + 1] hi
+  alignas(64) int32_t idx[32][16];
+  alignas(64) int32_t rot[32][16];
+  void init(int64_t G) {
+    const int64_t B1 = G / 8;
+    for (int64_t s = 0; s < G / 32; ++s)
+      for (int h = 0; h < 2; ++h)
+        for (int i = 0; i < 16; ++i) {
+          const int64_t j = (h ? G / 2 : 0) + 16 * s + i;
+          const int64_t byte = j % B1, bit = j / B1;
+          idx[2 * s + h][i] = static_cast<int32_t>(byte / 4);
+          rot[2 * s + h][i] = static_cast<int32_t>(((8 * (byte % 4) + bit - 4) % 32 + 32) % 32);
+        }
+  }
+};
+
+struct Dec5 {
+  __m512 t0, t1;
+  __m512i p1;
+  const uint8_t* p;
+  const Aux5* aux;
+  RS_AVX512 inline void group(const Layer& L, const uint8_t* gp, uint8_t gbyte) {
+    const int8_t gb = static_cast<int8_t>(gbyte);
+    const __m512 kf = _mm512_set1_ps(float(gb >> 2));
+    const float* lv = L.levels + ((gb & 3) << 5);
+    t0 = _mm512_mul_ps(_mm512_loadu_ps(lv), kf);
+    t1 = _mm512_mul_ps(_mm512_loadu_ps(lv + 16), kf);
+    p = gp;
+    const int64_t dw = L.G / 32;  // dwords of the 1-bit plane (G <= 512 here)
+    p1 = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << dw) - 1), gp + L.G / 2);
+  }
+  RS_AVX512 inline __m512 one(const __m512i nib, int r) const {
+    const __m512i src = _mm512_permutexvar_epi32(_mm512_load_si512(aux->idx[r]), p1);
+    const __m512i bit = _mm512_rorv_epi32(src, _mm512_load_si512(aux->rot[r]));
+    // bits 0-3 from the nibble, bits 4.. from the rotated plane (vpermt2ps reads bits 0-4)
+    const __m512i ix = _mm512_ternarylogic_epi32(nib, bit, _mm512_set1_epi32(0x0F), 0xE4);
+    return _mm512_permutex2var_ps(t0, ix, t1);
+  }
+  RS_AVX512 inline void get(const Layer&, int64_t s, __m512& lo, __m512& hi) const {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * s)));
+    lo = one(b, 2 * s);
+    hi = one(_mm512_srli_epi32(b, 4), 2 * s + 1);
+  }
+};
+
+// 8 bits, one table LEVELS[q] = q - 128 (checked by the caller): w = k q - 128 k, exact.
+struct Dec8 {
+  __m512 kf, off;
+  const uint8_t* p;
+  int64_t half;
+  RS_AVX512 inline void group(const Layer& L, const uint8_t* gp, uint8_t gbyte) {
+    const float k = float(static_cast<int8_t>(gbyte));
+    kf = _mm512_set1_ps(k);
+    off = _mm512_set1_ps(-128.0f * k);
+    p = gp;
+    half = L.G / 2;
+  }
+  RS_AVX512 inline __m512 one(const uint8_t* q) const {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), kf, off);
+  }
+  RS_AVX512 inline void get(const Layer&, int64_t s, __m512& lo, __m512& hi) const {
+    lo = one(p + 16 * s);
+    hi = one(p + half + 16 * s);
+  }
+};
+
+template <class Dec, int MB>
+RS_AVX512 void gemv_rows_avx512(const Layer& L, const Aux5* aux, const float* xp, int64_t Kp,
+                                float* y, int64_t n0, int64_t n1, int64_t m0) {
+  const int64_t G = L.G, gbytes = G * L.bits / 8, S = G / 32;
+  Dec dec;
+  if constexpr (std::is_same_v<Dec, Dec5>) dec.aux = aux;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 acc[MB][2];
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    const uint8_t* row = L.codes + n * L.row_bytes;
+    const uint8_t* grow = L.groups + n * L.ng;
+    for (int64_t g = 0; g < L.ng; ++g) {
+      dec.group(L, row + g * gbytes, grow[g]);
+      const float* xg = xp + m0 * Kp + g * G;
+      for (int64_t s = 0; s < S; ++s) {
+        __m512 lo, hi;
+        dec.get(L, s, lo, hi);
+        for (int m = 0; m < MB; ++m) {
+          acc[m][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xg + m * Kp + 16 * s), acc[m][0]);
+          acc[m][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xg + m * Kp + G / 2 + 16 * s), acc[m][1]);
+        }
+      }
+    }
+    const float rs = bf16_to_float(L.row_scale[n]);
+    const float b = L.bias ? L.bias[n] : 0.0f;
+    for (int m = 0; m < MB; ++m)
+      y[(m0 + m) * L.N + n] = rs * _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + b;
+  }
+}
+
+template <class Dec>
+RS_AVX512 void decode_rows_avx512(const Layer& L, const Aux5* aux, float* out, int64_t n0, int64_t n1) {
+  const int64_t G = L.G, gbytes = G * L.bits / 8, S = G / 32;
+  Dec dec;
+  if constexpr (std::is_same_v<Dec, Dec5>) dec.aux = aux;
+  alignas(64) float tail[1024];  // the last group when K is not a multiple of G (G <= 1024)
+  for (int64_t n = n0; n < n1; ++n) {
+    const __m512 rs = _mm512_set1_ps(bf16_to_float(L.row_scale[n]));
+    const uint8_t* row = L.codes + n * L.row_bytes;
+    float* o = out + n * L.K;
+    for (int64_t g = 0; g < L.ng; ++g) {
+      dec.group(L, row + g * gbytes, L.groups[n * L.ng + g]);
+      const bool full = (g + 1) * G <= L.K;
+      float* dst = full ? o + g * G : tail;
+      for (int64_t s = 0; s < S; ++s) {
+        __m512 lo, hi;
+        dec.get(L, s, lo, hi);
+        _mm512_storeu_ps(dst + 16 * s, _mm512_mul_ps(lo, rs));
+        _mm512_storeu_ps(dst + G / 2 + 16 * s, _mm512_mul_ps(hi, rs));
+      }
+      if (!full) std::memcpy(o + g * G, tail, (L.K - g * G) * sizeof(float));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- dispatch
+
+bool has_avx512() {
+  static const bool v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return v;
+}
+bool has_vnni() {
+  static const bool v = has_avx512() && __builtin_cpu_supports("avx512vnni") &&
+                        __builtin_cpu_supports("avx512vbmi");
+  return v;
+}
+
+int num_threads(int64_t requested) {
+#ifdef _OPENMP
+  return requested > 0 ? static_cast<int>(requested) : omp_get_max_threads();
+#else
+  (void)requested;
+  return 1;
+#endif
+}
+
+// Rounds row x[0..K) to int8 levels per group exactly as rs_compile/codec/activations.py does
+// (s = max|x| / 127 or 1 for an all-zero group, round half to even of x / s, times s), writing
+// the rounded floats to xq[0..Kp) (zeros past K).
+void quantize_row(const float* x, int64_t K, int64_t G, int64_t Kp, float* xq) {
+  for (int64_t g0 = 0; g0 < Kp; g0 += G) {
+    const int64_t len = std::max<int64_t>(0, std::min(G, K - g0));
+    float amax = 0.0f;
+    bool nan = false;
+    for (int64_t j = 0; j < len; ++j) {
+      const float a = std::fabs(x[g0 + j]);
+      if (a != a) nan = true;
+      amax = std::max(amax, a);
+    }
+    // torch: s = where(amax > 0, amax / 127, 1); a NaN amax compares false, so s = 1
+    const float s = (!nan && amax > 0.0f) ? amax / 127.0f : 1.0f;
+    for (int64_t j = 0; j < len; ++j) xq[g0 + j] = std::nearbyint(x[g0 + j] / s) * s;
+    for (int64_t j = len; j < G; ++j) xq[g0 + j] = 0.0f;
+  }
+}
+
+enum Path { kGeneric = 0, kAvx512 = 1, kVnni = 2 };
+
+int pick_path(const Layer& L, int64_t act_bits, int64_t flags) {
+  if (flags & 1) return kGeneric;
+  if (L.G % 32 != 0 || !has_avx512()) return kGeneric;
+  if (L.bits == 4) return kAvx512;
+  if (L.bits == 5 && L.G <= 512) return kAvx512;
+  if (L.bits == 8) {
+    for (int q = 0; q < 256; ++q)
+      if (L.levels[q] != float(q - 128)) return kGeneric;
+    return kAvx512;
+  }
+  (void)act_bits;
+  return kGeneric;
+}
+
+}  // namespace
+
+// mode 0: y[M, N] = x[M, K] @ decode(W)^T (+ bias); mode 1: out[N, K] = decode(W) (x, M ignored);
+// mode 2: return the feature bits (1 AVX-512, 2 VNNI+VBMI) without touching any pointer.
+// flags bit 0: force the generic path (tests).
+int64_t kernel(const float* x, const uint8_t* codes, const uint8_t* groups, const uint16_t* row_scale,
+               const float* bias, const int8_t* levels, float* out, int64_t M, int64_t N, int64_t K,
+               int64_t bits, int64_t G, int64_t ng, int64_t act_bits, int64_t has_bias,
+               int64_t nthreads, int64_t mode, int64_t flags) {
+  if (mode == 2) return (has_avx512() ? 1 : 0) | (has_vnni() ? 2 : 0);
+  int np;
+  if (planes_of(bits, &np) == nullptr) return -1;
+  if (G <= 0 || G % 8 != 0 || G > 1024) return -2;
+  if (K <= 0 || N < 0 || ng != (K + G - 1) / G) return -3;
+  if (mode == 0 && (M < 0 || (act_bits != 0 && act_bits != 8))) return -4;
+  if (N == 0 || (mode == 0 && M == 0)) return 0;
+
+  const int ntables = bits == 8 ? 1 : 4;
+  std::vector<float> lv(static_cast<size_t>(ntables) << bits);
+  for (size_t i = 0; i < lv.size(); ++i) lv[i] = static_cast<float>(levels[i]);
+  Layer L{codes, groups, row_scale, has_bias ? bias : nullptr, N, K, G, ng, bits,
+          ng * G * bits / 8, lv.data(), ntables};
+  const int path = pick_path(L, act_bits, flags);
+  Aux5 aux;
+  if (path != kGeneric && bits == 5) aux.init(G);
+  const int nt = num_threads(nthreads);
+
+  if (mode == 1) {
+    const int64_t chunk = std::max<int64_t>(16, N / (8 * nt) + 1);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t c0 = 0; c0 < N; c0 += chunk) {
+      const int64_t c1 = std::min(N, c0 + chunk);
+      if (path == kGeneric) decode_rows_generic(L, out, c0, c1);
+      else if (bits == 4) decode_rows_avx512<Dec4>(L, &aux, out, c0, c1);
+      else if (bits == 5) decode_rows_avx512<Dec5>(L, &aux, out, c0, c1);
+      else decode_rows_avx512<Dec8>(L, &aux, out, c0, c1);
+    }
+    return 0;
+  }
+  if (mode != 0) return -5;
+
+  // activations: padded to whole groups (the padding codes then meet zeros), int8-rounded for
+  // act_bits=8
+  const int64_t Kp = ng * G;
+  std::vector<float> xp(static_cast<size_t>(M * Kp), 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    if (act_bits == 8) quantize_row(x + m * K, K, G, Kp, xp.data() + m * Kp);
+    else std::memcpy(xp.data() + m * Kp, x + m * K, K * sizeof(float));
+  }
+  const int64_t chunk = std::max<int64_t>(8, N / (16 * nt) + 1);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t c0 = 0; c0 < N; c0 += chunk) {
+    const int64_t c1 = std::min(N, c0 + chunk);
+    if (path == kGeneric) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int64_t mb = std::min<int64_t>(kMaxRows, M - m0);
+        // y rows m0.. : shift x and y by m0 rows
+        gemv_rows_generic(L, xp.data() + m0 * Kp, mb, Kp, out + m0 * N, c0, c1);
+      }
+      continue;
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - m0);
+#define RS_CALL(DEC)                                                                          \
+  switch (mb) {                                                                              \
+    case 1: gemv_rows_avx512<DEC, 1>(L, &aux, xp.data(), Kp, out, c0, c1, m0); break;        \
+    case 2: gemv_rows_avx512<DEC, 2>(L, &aux, xp.data(), Kp, out, c0, c1, m0); break;        \
+    case 3: gemv_rows_avx512<DEC, 3>(L, &aux, xp.data(), Kp, out, c0, c1, m0); break;        \
+    default: gemv_rows_avx512<DEC, 4>(L, &aux, xp.data(), Kp, out, c0, c1, m0); break;       \
+  }
+      if (bits == 4) { RS_CALL(Dec4) }
+      else if (bits == 5) { RS_CALL(Dec5) }
+      else { RS_CALL(Dec8) }
+#undef RS_CALL
+    }
+  }
+  return 0;
+}
