@@ -279,6 +279,151 @@ RS_AVX512 void decode_rows_avx512(const Layer& L, const Aux5* aux, float* out, i
   }
 }
 
+// ---------------------------------------------------------------- AVX512-VNNI int8 path
+// act_bits=8, 4- and 8-bit codes, group_size a power of two >= 32. A "unit" is 64 bytes of a
+// row's codes. 4 bits: its four 16-byte sub-blocks carry 16 low-nibble codes and 16 high-nibble
+// codes each (codes 16s.. and G/2 + 16s.. of their group); the level of every code is looked up
+// as the byte L + 128 (vpermb over a 64-byte table holding all four curvature tables, index
+// nibble | c << 4), and vpdpbusd multiplies those unsigned bytes with the int8 activations, laid
+// out per call in the same order (XPrep). 8 bits: the code byte q is already L + 128 (the table
+// is q - 128, checked), no lookup. Int32 lane i of a unit sums 8 (4 bits) or 4 (8 bits) products
+// below 255 * 127 in magnitude: far from overflow (see the file header). Per lane, in float:
+//   t = sx * dot - 128 * sx * S_g / lanes_per_group   (S_g = sum of the group's x8: the +128 bias)
+//   acc += k * t
+// and y = row_scale * sum(acc) + bias. sx, S_g and the lane maps depend on x and G only.
+
+struct XPrep {
+  int64_t U = 0;                    // units per row
+  std::vector<int8_t> xa, xb;       // [M][U][64]: activations matching the lo / hi code bytes
+  std::vector<float> f, c;          // [M][U][16]: sx and the bias correction per lane
+  std::vector<uint8_t> nanrow;      // [M]: a NaN or inf in the row (result row NaN)
+};
+
+// x8 rounding of one group (activations.py); returns false for a NaN or inf in the group
+bool round_group(const float* x, int64_t len, int8_t* q, float* sx, int32_t* S) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < len; ++j) {
+    const float a = std::fabs(x[j]);
+    if (!(a <= 3.4028235e38f)) return false;
+    amax = std::max(amax, a);
+  }
+  const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+  int32_t sum = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const float r = std::nearbyint(x[j] / s);
+    const int v = static_cast<int>(std::min(127.0f, std::max(-127.0f, r)));
+    q[j] = static_cast<int8_t>(v);
+    sum += v;
+  }
+  *sx = s;
+  *S = sum;
+  return true;
+}
+
+void prep_x8(const float* x, int64_t M, int64_t K, int64_t G, int64_t ng, int64_t bits, XPrep& P) {
+  const int64_t row_bytes = ng * G * bits / 8;
+  P.U = (row_bytes + 63) / 64;
+  const int64_t U = P.U;
+  P.xa.assign(M * U * 64, 0);
+  P.xb.assign(bits == 4 ? M * U * 64 : 0, 0);
+  P.f.assign(M * U * 16, 0.0f);
+  P.c.assign(M * U * 16, 0.0f);
+  P.nanrow.assign(M, 0);
+  std::vector<int8_t> q(ng * G);
+  std::vector<float> sx(ng);
+  std::vector<int32_t> S(ng);
+  const int64_t lanes_per_group = bits == 4 ? G / 8 : G / 4;
+  for (int64_t m = 0; m < M; ++m) {
+    std::fill(q.begin(), q.end(), int8_t{0});
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t len = std::min(G, K - g * G);
+      if (!round_group(x + m * K + g * G, len, q.data() + g * G, &sx[g], &S[g])) P.nanrow[m] = 1;
+    }
+    int8_t* xa = P.xa.data() + m * U * 64;
+    float* f = P.f.data() + m * U * 16;
+    float* c = P.c.data() + m * U * 16;
+    if (bits == 4) {
+      int8_t* xb = P.xb.data() + m * U * 64;
+      const int64_t per_group = G / 32;  // 16-byte sub-blocks per group
+      for (int64_t gs = 0; gs < ng * per_group; ++gs) {
+        const int64_t g = gs / per_group, sblk = gs % per_group;
+        std::memcpy(xa + 16 * gs, q.data() + g * G + 16 * sblk, 16);
+        std::memcpy(xb + 16 * gs, q.data() + g * G + G / 2 + 16 * sblk, 16);
+        for (int i = 0; i < 4; ++i) {  // lanes 4 gs .. 4 gs + 3
+          f[4 * gs + i] = sx[g];
+          c[4 * gs + i] = 128.0f * sx[g] * static_cast<float>(S[g]) / static_cast<float>(lanes_per_group);
+        }
+      }
+    } else {
+      std::memcpy(xa, q.data(), ng * G);
+      for (int64_t lane = 0; lane < ng * G / 4; ++lane) {
+        const int64_t g = 4 * lane / G;
+        f[lane] = sx[g];
+        c[lane] = 128.0f * sx[g] * static_cast<float>(S[g]) / static_cast<float>(lanes_per_group);
+      }
+    }
+  }
+}
+
+template <int BITS, int MB>
+RS_VNNI void gemv_rows_vnni(const Layer& L, const XPrep& P, const int8_t* levels, float* y,
+                            int64_t n0, int64_t n1, int64_t m0) {
+  const int64_t G = L.G, U = P.U, row_bytes = L.row_bytes;
+  // lane / byte -> group offset within a unit (G a power of two >= 32)
+  alignas(64) uint8_t rep64[64], rep16[16];
+  const int64_t bytes_per_group = BITS == 4 ? G / 2 : G;
+  for (int b = 0; b < 64; ++b) rep64[b] = static_cast<uint8_t>(b / bytes_per_group);
+  for (int i = 0; i < 16; ++i) rep16[i] = static_cast<uint8_t>(4 * i / bytes_per_group);
+  const __m512i vrep64 = _mm512_load_si512(rep64);
+  const __m128i vrep16 = _mm_load_si128(reinterpret_cast<const __m128i*>(rep16));
+  alignas(64) uint8_t tab[64];
+  if (BITS == 4)
+    for (int i = 0; i < 64; ++i) tab[i] = static_cast<uint8_t>(levels[i] + 128);
+  const __m512i vtab = _mm512_load_si512(tab);
+  const __m512i lowmask = _mm512_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = L.codes + n * row_bytes;
+    const uint8_t* grow = L.groups + n * L.ng;
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t rem = row_bytes - 64 * u;
+      const __m512i v = rem >= 64 ? _mm512_loadu_si512(row + 64 * u)
+                                  : _mm512_maskz_loadu_epi8((__mmask64(1) << rem) - 1, row + 64 * u);
+      const int64_t gbase = 64 * u / bytes_per_group;
+      const int64_t grem = L.ng - gbase;
+      const __m128i gb = _mm_maskz_loadu_epi8(grem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << grem) - 1),
+                                              grow + gbase);
+      __m512i k32 = _mm512_cvtepi8_epi32(_mm_permutexvar_epi8(vrep16, gb));
+      if (BITS == 4) k32 = _mm512_srai_epi32(k32, 2);
+      const __m512 kf = _mm512_cvtepi32_ps(k32);
+      __m512i wa, wb;
+      if (BITS == 4) {
+        const __m512i csh = _mm512_slli_epi16(_mm512_permutexvar_epi8(vrep64, _mm512_castsi128_si512(gb)), 4);
+        // bits 0-3 from the nibble, 4-5 from c (vpermb reads 6 bits)
+        wa = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(v, csh, lowmask, 0xE4), vtab);
+        wb = _mm512_permutexvar_epi8(
+            _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), csh, lowmask, 0xE4), vtab);
+      } else {
+        wa = v;
+        wb = v;
+      }
+      for (int m = 0; m < MB; ++m) {
+        const int64_t o = (m0 + m) * U + u;
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wa, _mm512_loadu_si512(P.xa.data() + 64 * o));
+        if (BITS == 4) d = _mm512_dpbusd_epi32(d, wb, _mm512_loadu_si512(P.xb.data() + 64 * o));
+        const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(P.f.data() + 16 * o),
+                                         _mm512_loadu_ps(P.c.data() + 16 * o));
+        acc[m] = _mm512_fmadd_ps(kf, t, acc[m]);
+      }
+    }
+    const float rs = bf16_to_float(L.row_scale[n]);
+    const float b = L.bias ? L.bias[n] : 0.0f;
+    for (int m = 0; m < MB; ++m)
+      y[(m0 + m) * L.N + n] = P.nanrow[m0 + m] ? NAN : rs * _mm512_reduce_add_ps(acc[m]) + b;
+  }
+}
+
 // ---------------------------------------------------------------- dispatch
 
 bool has_avx512() {
@@ -326,6 +471,13 @@ enum Path { kGeneric = 0, kAvx512 = 1, kVnni = 2 };
 int pick_path(const Layer& L, int64_t act_bits, int64_t flags) {
   if (flags & 1) return kGeneric;
   if (L.G % 32 != 0 || !has_avx512()) return kGeneric;
+  const bool pow2 = (L.G & (L.G - 1)) == 0;
+  if (act_bits == 8 && !(flags & 2) && has_vnni() && pow2 && (L.bits == 4 || L.bits == 8)) {
+    bool q128 = true;  // 8 bits: the one table must be q - 128 (then the code byte is L + 128)
+    if (L.bits == 8)
+      for (int q = 0; q < 256; ++q) q128 = q128 && L.levels[q] == float(q - 128);
+    if (q128) return kVnni;
+  }
   if (L.bits == 4) return kAvx512;
   if (L.bits == 5 && L.G <= 512) return kAvx512;
   if (L.bits == 8) {
@@ -333,7 +485,6 @@ int pick_path(const Layer& L, int64_t act_bits, int64_t flags) {
       if (L.levels[q] != float(q - 128)) return kGeneric;
     return kAvx512;
   }
-  (void)act_bits;
   return kGeneric;
 }
 
@@ -341,7 +492,8 @@ int pick_path(const Layer& L, int64_t act_bits, int64_t flags) {
 
 // mode 0: y[M, N] = x[M, K] @ decode(W)^T (+ bias); mode 1: out[N, K] = decode(W) (x, M ignored);
 // mode 2: return the feature bits (1 AVX-512, 2 VNNI+VBMI) without touching any pointer.
-// flags bit 0: force the generic path (tests).
+// flags bit 0: force the generic path (tests); bit 1: no VNNI path (act_bits=8 then rounds the
+// activations to floats and runs the float path).
 int64_t kernel(const float* x, const uint8_t* codes, const uint8_t* groups, const uint16_t* row_scale,
                const float* bias, const int8_t* levels, float* out, int64_t M, int64_t N, int64_t K,
                int64_t bits, int64_t G, int64_t ng, int64_t act_bits, int64_t has_bias,
@@ -377,6 +529,29 @@ int64_t kernel(const float* x, const uint8_t* codes, const uint8_t* groups, cons
     return 0;
   }
   if (mode != 0) return -5;
+
+  if (path == kVnni) {
+    XPrep P;
+    prep_x8(x, M, K, G, ng, bits, P);
+    const int64_t chunk = std::max<int64_t>(8, N / (16 * nt) + 1);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t c0 = 0; c0 < N; c0 += chunk) {
+      const int64_t c1 = std::min(N, c0 + chunk);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mb = std::min<int64_t>(4, M - m0);
+#define RS_CALL(B)                                                                  \
+  switch (mb) {                                                                    \
+    case 1: gemv_rows_vnni<B, 1>(L, P, levels, out, c0, c1, m0); break;            \
+    case 2: gemv_rows_vnni<B, 2>(L, P, levels, out, c0, c1, m0); break;            \
+    case 3: gemv_rows_vnni<B, 3>(L, P, levels, out, c0, c1, m0); break;            \
+    default: gemv_rows_vnni<B, 4>(L, P, levels, out, c0, c1, m0); break;           \
+  }
+        if (bits == 4) { RS_CALL(4) } else { RS_CALL(8) }
+#undef RS_CALL
+      }
+    }
+    return 0;
+  }
 
   // activations: padded to whole groups (the padding codes then meet zeros), int8-rounded for
   // act_bits=8
