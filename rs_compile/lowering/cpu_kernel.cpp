@@ -186,10 +186,18 @@ struct Dec5 {
     t1 = _mm512_mul_ps(_mm512_loadu_ps(lv + 16), kf);
     p = gp;
     const int64_t dw = L.G / 32;  // dwords of the 1-bit plane (G <= 512 here)
-    p1 = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << dw) - 1), gp + L.G / 2);
+    if (dw == 1) {  // groups of 32: every lane reads the one dword
+      int32_t d;
+      std::memcpy(&d, gp + 16, 4);
+      p1 = _mm512_set1_epi32(d);
+    } else {
+      p1 = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << dw) - 1), gp + L.G / 2);
+    }
+    one_dword = dw == 1;
   }
+  bool one_dword = false;
   RS_AVX512 inline __m512 one(const __m512i nib, int r) const {
-    const __m512i src = _mm512_permutexvar_epi32(_mm512_load_si512(aux->idx[r]), p1);
+    const __m512i src = one_dword ? p1 : _mm512_permutexvar_epi32(_mm512_load_si512(aux->idx[r]), p1);
     const __m512i bit = _mm512_rorv_epi32(src, _mm512_load_si512(aux->rot[r]));
     // bits 0-3 from the nibble, bits 4.. from the rotated plane (vpermt2ps reads bits 0-4)
     const __m512i ix = _mm512_ternarylogic_epi32(nib, bit, _mm512_set1_epi32(0x0F), 0xE4);
@@ -280,7 +288,8 @@ RS_AVX512 void decode_rows_avx512(const Layer& L, const Aux5* aux, float* out, i
 }
 
 // ---------------------------------------------------------------- AVX512-VNNI int8 path
-// act_bits=8, 4- and 8-bit codes, group_size a power of two >= 32. A "unit" is 64 bytes of a
+// act_bits=8, 4- and 8-bit codes with group_size a power of two >= 32, 5-bit codes in groups of
+// 32, 64 or 128 (Aux5v). A "unit" is 64 bytes of a
 // row's codes. 4 bits: its four 16-byte sub-blocks carry 16 low-nibble codes and 16 high-nibble
 // codes each (codes 16s.. and G/2 + 16s.. of their group); the level of every code is looked up
 // as the byte L + 128 (vpermb over a 64-byte table holding all four curvature tables, index
@@ -321,18 +330,18 @@ bool round_group(const float* x, int64_t len, int8_t* q, float* sx, int32_t* S) 
 }
 
 void prep_x8(const float* x, int64_t M, int64_t K, int64_t G, int64_t ng, int64_t bits, XPrep& P) {
-  const int64_t row_bytes = ng * G * bits / 8;
-  P.U = (row_bytes + 63) / 64;
+  const int64_t unit_bytes = bits == 8 ? ng * G : ng * G / 2;  // code bytes (4/5 bits: nibbles)
+  P.U = (unit_bytes + 63) / 64;
   const int64_t U = P.U;
   P.xa.assign(M * U * 64, 0);
-  P.xb.assign(bits == 4 ? M * U * 64 : 0, 0);
+  P.xb.assign(bits != 8 ? M * U * 64 : 0, 0);
   P.f.assign(M * U * 16, 0.0f);
   P.c.assign(M * U * 16, 0.0f);
   P.nanrow.assign(M, 0);
   std::vector<int8_t> q(ng * G);
   std::vector<float> sx(ng);
   std::vector<int32_t> S(ng);
-  const int64_t lanes_per_group = bits == 4 ? G / 8 : G / 4;
+  const int64_t lanes_per_group = bits != 8 ? G / 8 : G / 4;
   for (int64_t m = 0; m < M; ++m) {
     std::fill(q.begin(), q.end(), int8_t{0});
     for (int64_t g = 0; g < ng; ++g) {
@@ -342,7 +351,7 @@ void prep_x8(const float* x, int64_t M, int64_t K, int64_t G, int64_t ng, int64_
     int8_t* xa = P.xa.data() + m * U * 64;
     float* f = P.f.data() + m * U * 16;
     float* c = P.c.data() + m * U * 16;
-    if (bits == 4) {
+    if (bits != 8) {
       int8_t* xb = P.xb.data() + m * U * 64;
       const int64_t per_group = G / 32;  // 16-byte sub-blocks per group
       for (int64_t gs = 0; gs < ng * per_group; ++gs) {
@@ -365,37 +374,82 @@ void prep_x8(const float* x, int64_t M, int64_t K, int64_t G, int64_t ng, int64_
   }
 }
 
+// 5 bits (groups of 32, 64 or 128): a unit is 80 raw bytes, the nibble planes and 1-bit planes of
+// 128 codes (4, 2 or 1 groups). One vpermt2b gathers the 64 nibble bytes; another gathers, per
+// qword, the 1-bit-plane bytes that qword's codes need (a group's 4 bytes twice for groups of 32)
+// and vpmultishiftqb moves each code's bit to bit 4 of its byte; the index nibble | bit << 4 |
+// c << 5 then looks the level up in a 128-byte table (vpermt2b over two registers).
+struct Aux5v {
+  alignas(64) uint8_t nidx[64], pidx[64], ctrl_lo[64], ctrl_hi[64];
+  void init(int64_t G) {
+    const int64_t half = G / 2, B1 = G / 8, gbytes = 5 * G / 8;
+    for (int b = 0; b < 64; ++b) {
+      nidx[b] = static_cast<uint8_t>((b / half) * gbytes + b % half);
+      const int q = b / 8, i = b % 8;
+      const int64_t P = 8 * q, gi = P / half, p0 = P % half, p = p0 + i;
+      const int64_t w0 = B1 >= 8 ? p0 % B1 : 0;
+      pidx[b] = static_cast<uint8_t>(gi * gbytes + half + (B1 >= 8 ? w0 + i : i % 4));
+      const int64_t off = 8 * (p % B1 - w0) + p / B1;
+      ctrl_lo[b] = static_cast<uint8_t>(((off - 4) % 64 + 64) % 64);
+      ctrl_hi[b] = static_cast<uint8_t>(off % 64);
+    }
+  }
+};
+
 template <int BITS, int MB>
 RS_VNNI void gemv_rows_vnni(const Layer& L, const XPrep& P, const int8_t* levels, float* y,
                             int64_t n0, int64_t n1, int64_t m0) {
   const int64_t G = L.G, U = P.U, row_bytes = L.row_bytes;
   // lane / byte -> group offset within a unit (G a power of two >= 32)
   alignas(64) uint8_t rep64[64], rep16[16];
-  const int64_t bytes_per_group = BITS == 4 ? G / 2 : G;
+  const int64_t bytes_per_group = BITS == 8 ? G : G / 2;
   for (int b = 0; b < 64; ++b) rep64[b] = static_cast<uint8_t>(b / bytes_per_group);
   for (int i = 0; i < 16; ++i) rep16[i] = static_cast<uint8_t>(4 * i / bytes_per_group);
   const __m512i vrep64 = _mm512_load_si512(rep64);
   const __m128i vrep16 = _mm_load_si128(reinterpret_cast<const __m128i*>(rep16));
-  alignas(64) uint8_t tab[64];
+  alignas(64) uint8_t tab[128];
   if (BITS == 4)
     for (int i = 0; i < 64; ++i) tab[i] = static_cast<uint8_t>(levels[i] + 128);
-  const __m512i vtab = _mm512_load_si512(tab);
-  const __m512i lowmask = _mm512_set1_epi8(0x0F);
+  if (BITS == 5)
+    for (int i = 0; i < 128; ++i) tab[i] = static_cast<uint8_t>(levels[i] + 128);
+  const __m512i vtab = _mm512_load_si512(tab), vtab1 = _mm512_load_si512(tab + 64);
+  const __m512i lowmask = _mm512_set1_epi8(0x0F), mask5 = _mm512_set1_epi8(0x1F);
+  Aux5v a5;
+  if (BITS == 5) a5.init(G);
+  const __m512i nidx = _mm512_load_si512(a5.nidx), pidx = _mm512_load_si512(a5.pidx);
+  const __m512i ctrl_lo = _mm512_load_si512(a5.ctrl_lo), ctrl_hi = _mm512_load_si512(a5.ctrl_hi);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = L.codes + n * row_bytes;
     const uint8_t* grow = L.groups + n * L.ng;
     __m512 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t u = 0; u < U; ++u) {
-      const int64_t rem = row_bytes - 64 * u;
-      const __m512i v = rem >= 64 ? _mm512_loadu_si512(row + 64 * u)
-                                  : _mm512_maskz_loadu_epi8((__mmask64(1) << rem) - 1, row + 64 * u);
+      __m512i v, pd;
+      if (BITS == 5) {
+        const uint8_t* r = row + 80 * u;
+        const int64_t rem = row_bytes - 80 * u;
+        __m512i r0, r1;
+        if (rem >= 80) {
+          r0 = _mm512_loadu_si512(r);
+          r1 = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 64)));
+        } else {
+          r0 = _mm512_maskz_loadu_epi8(rem >= 64 ? ~__mmask64(0) : (__mmask64(1) << rem) - 1, r);
+          r1 = _mm512_maskz_loadu_epi8(rem > 64 ? (__mmask64(1) << (rem - 64)) - 1 : 0, r + 64);
+        }
+        v = _mm512_permutex2var_epi8(r0, nidx, r1);
+        pd = _mm512_permutex2var_epi8(r0, pidx, r1);
+      } else {
+        const int64_t rem = row_bytes - 64 * u;
+        v = rem >= 64 ? _mm512_loadu_si512(row + 64 * u)
+                      : _mm512_maskz_loadu_epi8((__mmask64(1) << rem) - 1, row + 64 * u);
+        pd = v;
+      }
       const int64_t gbase = 64 * u / bytes_per_group;
       const int64_t grem = L.ng - gbase;
       const __m128i gb = _mm_maskz_loadu_epi8(grem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << grem) - 1),
                                               grow + gbase);
       __m512i k32 = _mm512_cvtepi8_epi32(_mm_permutexvar_epi8(vrep16, gb));
-      if (BITS == 4) k32 = _mm512_srai_epi32(k32, 2);
+      if (BITS != 8) k32 = _mm512_srai_epi32(k32, 2);
       const __m512 kf = _mm512_cvtepi32_ps(k32);
       __m512i wa, wb;
       if (BITS == 4) {
@@ -404,6 +458,17 @@ RS_VNNI void gemv_rows_vnni(const Layer& L, const XPrep& P, const int8_t* levels
         wa = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(v, csh, lowmask, 0xE4), vtab);
         wb = _mm512_permutexvar_epi8(
             _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), csh, lowmask, 0xE4), vtab);
+      } else if (BITS == 5) {
+        const __m512i crep = _mm512_permutexvar_epi8(vrep64, _mm512_castsi128_si512(gb));
+        const __m512i csh = _mm512_slli_epi16(crep, 5);  // c at bits 5-6
+        const __m512i blo = _mm512_multishift_epi64_epi8(ctrl_lo, pd);  // the fifth bit at bit 4
+        const __m512i bhi = _mm512_multishift_epi64_epi8(ctrl_hi, pd);
+        const __m512i ilo = _mm512_ternarylogic_epi32(_mm512_ternarylogic_epi32(v, blo, lowmask, 0xE4),
+                                                      csh, mask5, 0xE4);
+        const __m512i ihi = _mm512_ternarylogic_epi32(
+            _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), bhi, lowmask, 0xE4), csh, mask5, 0xE4);
+        wa = _mm512_permutex2var_epi8(vtab, ilo, vtab1);
+        wb = _mm512_permutex2var_epi8(vtab, ihi, vtab1);
       } else {
         wa = v;
         wb = v;
@@ -411,7 +476,7 @@ RS_VNNI void gemv_rows_vnni(const Layer& L, const XPrep& P, const int8_t* levels
       for (int m = 0; m < MB; ++m) {
         const int64_t o = (m0 + m) * U + u;
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wa, _mm512_loadu_si512(P.xa.data() + 64 * o));
-        if (BITS == 4) d = _mm512_dpbusd_epi32(d, wb, _mm512_loadu_si512(P.xb.data() + 64 * o));
+        if (BITS != 8) d = _mm512_dpbusd_epi32(d, wb, _mm512_loadu_si512(P.xb.data() + 64 * o));
         const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(P.f.data() + 16 * o),
                                          _mm512_loadu_ps(P.c.data() + 16 * o));
         acc[m] = _mm512_fmadd_ps(kf, t, acc[m]);
@@ -472,7 +537,8 @@ int pick_path(const Layer& L, int64_t act_bits, int64_t flags) {
   if (flags & 1) return kGeneric;
   if (L.G % 32 != 0 || !has_avx512()) return kGeneric;
   const bool pow2 = (L.G & (L.G - 1)) == 0;
-  if (act_bits == 8 && !(flags & 2) && has_vnni() && pow2 && (L.bits == 4 || L.bits == 8)) {
+  if (act_bits == 8 && !(flags & 2) && has_vnni() && pow2 &&
+      (L.bits == 4 || L.bits == 8 || (L.bits == 5 && L.G <= 128))) {
     bool q128 = true;  // 8 bits: the one table must be q - 128 (then the code byte is L + 128)
     if (L.bits == 8)
       for (int q = 0; q < 256; ++q) q128 = q128 && L.levels[q] == float(q - 128);
@@ -546,7 +612,7 @@ int64_t kernel(const float* x, const uint8_t* codes, const uint8_t* groups, cons
     case 3: gemv_rows_vnni<B, 3>(L, P, levels, out, c0, c1, m0); break;            \
     default: gemv_rows_vnni<B, 4>(L, P, levels, out, c0, c1, m0); break;           \
   }
-        if (bits == 4) { RS_CALL(4) } else { RS_CALL(8) }
+        if (bits == 4) { RS_CALL(4) } else if (bits == 5) { RS_CALL(5) } else { RS_CALL(8) }
 #undef RS_CALL
       }
     }
