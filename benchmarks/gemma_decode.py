@@ -61,7 +61,28 @@ def load_gemma(cache: str) -> torch.nn.Module:
     return model.eval()
 
 
-def prepare(name: str, base: torch.nn.Module, converted: dict) -> torch.nn.Module:
+def load_or_convert(base: torch.nn.Module, bits: int, cache: str) -> torch.nn.Module:
+    """rs_compile.convert(base, bits=bits, compress_tied=True), saved to / loaded from the cache
+    (the conversion takes 3-15 min on the shared 2-core machine)."""
+    import rs_compile
+
+    folder = os.path.join(cache, f"gemma-rs{bits}-tied")
+    if os.path.exists(os.path.join(folder, "rs_compile.json")):
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(base.config, dtype=torch.float32)
+        model = rs_compile.load(model, folder)
+        model.generation_config = copy.deepcopy(base.generation_config)
+        return model
+    t = time.perf_counter()
+    model = rs_compile.convert(copy.deepcopy(base), bits=bits, compress_tied=True)
+    print(f"convert bits={bits}: {time.perf_counter() - t:.0f} s", flush=True)
+    rs_compile.save(model, folder)
+    return model
+
+
+def prepare(name: str, base: torch.nn.Module, converted: dict, cache: str) -> torch.nn.Module:
     import rs_compile
     from rs_compile.generation import compile_for_generation
     from rs_compile.modules import CompressedLinear
@@ -71,9 +92,7 @@ def prepare(name: str, base: torch.nn.Module, converted: dict) -> torch.nn.Modul
     else:
         bits = 8 if name.startswith("rs8") else 4
         if bits not in converted:
-            t = time.perf_counter()
-            converted[bits] = rs_compile.convert(copy.deepcopy(base), bits=bits, compress_tied=True)
-            print(f"convert bits={bits}: {time.perf_counter() - t:.0f} s", flush=True)
+            converted[bits] = load_or_convert(base, bits, cache)
         model = copy.deepcopy(converted[bits])
         if "a8" in name:
             for m in model.modules():
@@ -107,7 +126,7 @@ def main() -> None:
 
     with torch.inference_mode():
         for name in args.configs:
-            models[name] = prepare(name, base, converted)
+            models[name] = prepare(name, base, converted, args.cache)
             t = time.perf_counter()
             gen(models[name], args.new_tokens)
             gen(models[name], 1)
