@@ -11,6 +11,7 @@ from torch import nn
 from rs_compile.codec.encode import EncodedWeight
 from rs_compile.codec.format import Format, decode_weight
 from rs_compile.ops.embedding import embedding
+from rs_compile.lowering.cpu_kernel import fast_checks_pass, linear_cpu
 from rs_compile.ops.linear import linear
 
 PACKED = ("codes", "groups", "row_scale")  # EncodedWeight.tensors() order
@@ -66,8 +67,30 @@ class CompressedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not torch.compiler.is_compiling() and x.device.type == "cpu"
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            # eager inference on CPU: the op's CPU implementation without the dispatcher and
+            # custom-op wrapper (~30-60 us per call, more than a decode-step GEMV takes)
+            fast = self._fast_buffers(x)
+            if fast is not None:
+                return linear_cpu(x, *fast, self.bits, self.group_size, self.in_features, self.act_bits)
         return linear(x, self.codes, self.groups, self.row_scale, self.bias, self.bits,
                       self.group_size, self.in_features, self.act_bits)
+
+    def _fast_buffers(self, x: torch.Tensor):
+        """(codes, groups, row_scale, bias) when ``x`` and the buffers pass the op's checks, else
+        None (the op then runs, with its full checks and errors). The packed buffers are checked
+        once per tensor object (re-checked when a buffer is replaced)."""
+        buf = self._buffers  # plain dict reads: nn.Module.__getattr__ costs ~1 us per buffer
+        t = (buf["codes"], buf["groups"], buf["row_scale"], buf["bias"])
+        seen = self.__dict__.get("_rs_checked")
+        if seen is None or any(a is not b for a, b in zip(seen, t)):
+            if not fast_checks_pass(x, *t, self.bits, self.group_size, self.in_features, self.act_bits):
+                return None
+            self.__dict__["_rs_checked"] = t
+        if x.dtype != torch.float32 or x.shape[-1] != self.in_features:
+            return None
+        return t
 
     def dequantize(self) -> torch.Tensor:
         """The dense float32 weight [out, in] the codes represent (what the op multiplies by)."""

@@ -28,11 +28,11 @@ COMPILE_SOURCES = ("codec", "ops", "lowering", "passes", "kernels", "backend.py"
 
 @functools.lru_cache(maxsize=None)
 def source_hash(package_dir: Path = PACKAGE_DIR) -> str:
-    """sha256 over the paths and contents of the .py files in ``COMPILE_SOURCES``."""
+    """sha256 over the paths and contents of the .py and .cpp files in ``COMPILE_SOURCES``."""
     digest = hashlib.sha256(torch.__version__.encode())
     for entry in COMPILE_SOURCES:
         root = package_dir / entry
-        for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+        for path in sorted([*root.rglob("*.py"), *root.rglob("*.cpp")]) if root.is_dir() else [root]:
             digest.update(str(path.relative_to(package_dir)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -45,7 +45,10 @@ class SourceKeyedPass(CustomGraphPass):
         return None
 
     def uuid(self) -> str:
-        return source_hash()
+        # whether the CPU kernel is available decides what the rs::linear decomposition emits
+        from rs_compile.lowering import cpu_kernel
+
+        return source_hash() + ("+cpu-kernel" if cpu_kernel.kernel() is not None else "")
 
 
 SOURCE_KEYED_PASS = SourceKeyedPass()

@@ -1,9 +1,18 @@
-"""Inductor lowering of ``rs::linear`` on CPU: decode the weight once, then one BLAS GEMM.
+"""Inductor lowering of ``rs::linear`` on CPU: the hand-written kernel for decode rows, decode +
+one BLAS GEMM for prefill.
 
-Inductor fuses the decomposition below (unpack the bit planes, look up the level table, times
-the group step and row scale) into one C++ loop writing a dense float buffer, which ``mm`` then
-multiplies; the decode costs one pass over the weight per call, amortised over the rows.
-``act_bits=8`` rounds the activations first with the same expressions as the reference op.
+* float32 CPU activations with the kernel available (rs_compile.lowering.cpu_kernel): the
+  decomposition emits ``rs::cpu_linear``, which a lowering turns into a direct call from the
+  compiled graph (``extern_kernels.rs_cpu_linear(..., out=buf)`` into a buffer Inductor
+  allocates; no dispatcher, no custom-op wrapper). The call picks per call what
+  ``rs::linear``'s eager CPU path picks: the fused GEMV for ``M <= GEMV_MAX_ROWS`` (decode steps),
+  kernel-decoded tiles + BLAS for more (prefill), so the row count is not guarded and the dynamic
+  prefill graph and the one-row decode graph each compile once. Under Inductor's C++ wrapper,
+  which cannot call a Python function, the op is kept as a fallback call through the dispatcher.
+* Otherwise (other dtypes, a failed kernel build) Inductor fuses the decomposition below (unpack the bit planes, look up the level
+  table, times the group step and row scale) into one C++ loop writing a dense float buffer, which
+  ``mm`` then multiplies; the decode costs one pass over the weight per call, amortised over the
+  rows. ``act_bits=8`` rounds the activations first with the same expressions as the reference op.
 """
 
 from __future__ import annotations
@@ -12,13 +21,53 @@ import torch
 
 from rs_compile.codec.activations import quantize_activations
 from rs_compile.codec.format import decode_weight
+from rs_compile.lowering import cpu_kernel
 from rs_compile.lowering.registry import register
 from rs_compile.ops.linear import linear  # noqa: F401  (defines torch.ops.rs.linear)
+
+_LIB = torch.library.Library("rs", "FRAGMENT")
+_LIB.define("cpu_linear(Tensor x, Tensor codes, Tensor groups, Tensor row_scale, Tensor? bias, "
+            "int bits, int group_size, int in_features, int act_bits) -> Tensor")
+
+
+def cpu_linear_out(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits, *,
+                   out):
+    """The compiled graph's call into ``out``: the kernel's GEMV for few rows, decoded tiles +
+    BLAS for more (chosen per call, so the row count needs no guard). Inputs are contiguous, the
+    bias (if any) float32, and the graph was built only where the kernel applies."""
+    return cpu_kernel.linear_cpu(x, codes, groups, row_scale, bias, bits, group_size, in_features,
+                                 act_bits, out=out)
+
+
+def _cpu_linear(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits):
+    """``rs::cpu_linear`` through the dispatcher (eager calls, the C++ wrapper): same numbers as
+    rs::linear's CPU path, whose checks it repeats."""
+    from rs_compile.ops.linear import check_inputs
+
+    check_inputs(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits)
+    return cpu_kernel.linear_cpu(x, codes, groups, row_scale, bias, bits, group_size, in_features,
+                                 act_bits)
+
+
+_LIB.impl("cpu_linear", _cpu_linear, "CPU")
+
+
+@torch.library.register_fake("rs::cpu_linear")
+def _(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+def _kernel_applies(x, bits, group_size) -> bool:
+    return (x.device.type == "cpu" and cpu_kernel.supports(x, bits, group_size)
+            and cpu_kernel.kernel() is not None)
 
 
 def linear_decomposition(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits=0):
     n = codes.shape[0]
     x2 = x.reshape(-1, in_features)
+    if _kernel_applies(x, bits, group_size):
+        return torch.ops.rs.cpu_linear(x, codes, groups, row_scale, bias, bits, group_size,
+                                        in_features, act_bits)
     if act_bits:
         x2 = quantize_activations(x2, group_size)
     w = decode_weight(codes, groups, row_scale, bits, group_size, in_features)
@@ -28,6 +77,36 @@ def linear_decomposition(x, codes, groups, row_scale, bias, bits, group_size, in
     return out.reshape(*x.shape[:-1], n)
 
 
+def _install_gemv_lowering() -> None:
+    from torch._inductor import ir, lowering
+    from torch._inductor.select_algorithm import extern_kernels
+    from torch._inductor.virtualized import V
+
+    extern_kernels.rs_cpu_linear = cpu_linear_out
+    op = torch.ops.rs.cpu_linear.default
+    if op in lowering.lowerings:
+        return
+    through_dispatcher = lowering.fallback_handler(op, add_to_fallback_set=False)
+
+    @lowering.register_lowering(op, type_promotion_kind=None)
+    def _lower(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits):
+        if V.graph.cpp_wrapper:  # a C++ wrapper cannot call a Python function: keep the op
+            return through_dispatcher(x, codes, groups, row_scale, bias, bits, group_size,
+                                      in_features, act_bits)
+        size = [*x.get_size()[:-1], codes.get_size()[0]]
+        layout = ir.FixedLayout(x.get_device(), torch.float32, size,
+                                ir.FlexibleLayout.contiguous_strides(size))
+        if bias is not None:
+            bias = lowering.to_dtype(bias, torch.float32)
+        tensors = [ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(t))
+                   for t in (x, codes, groups, row_scale, bias) if t is not None]
+        # constant arguments follow the tensors: a missing bias is passed as None in its place
+        constants = ([] if bias is not None else [None]) + [bits, group_size, in_features, act_bits]
+        return ir.TensorBox.create(ir.ExternKernelOut(
+            layout, tensors, constants, python_kernel_name="extern_kernels.rs_cpu_linear"))
+
+
 def install() -> None:
-    """Register the decomposition with Inductor (idempotent)."""
+    """Register the decomposition and the kernel call with Inductor (idempotent)."""
     register(torch.ops.rs.linear.default, linear_decomposition)
+    _install_gemv_lowering()

@@ -35,8 +35,19 @@ def embedding(
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= codes.shape[0]):
         raise IndexError(f"rs::embedding: ids must lie in [0, {codes.shape[0]}), got "
                          f"[{int(flat.min())}, {int(flat.max())}]")
-    rows = decode_weight(codes[flat], groups[flat], row_scale[flat], bits, group_size, embedding_dim)
-    return rows.view(*ids.shape, embedding_dim)
+    return gather_rows(flat, codes, groups, row_scale, bits, group_size, embedding_dim).view(
+        *ids.shape, embedding_dim)
+
+
+def gather_rows(flat, codes, groups, row_scale, bits, group_size, embedding_dim) -> torch.Tensor:
+    """Decoded rows ``flat`` (checked ids) of the table: gather the packed rows, then decode them
+    (with the CPU kernel on CPU: one call, a few microseconds for a one-token lookup)."""
+    codes, groups, row_scale = codes[flat], groups[flat], row_scale[flat]
+    if codes.device.type == "cpu":
+        from rs_compile.lowering.cpu_kernel import decode_cpu
+
+        return decode_cpu(codes, groups, row_scale, bits, group_size, embedding_dim)
+    return decode_weight(codes, groups, row_scale, bits, group_size, embedding_dim)
 
 
 @embedding.register_fake

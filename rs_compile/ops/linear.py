@@ -1,9 +1,10 @@
 """``rs::linear``: y = x @ decode(codes, groups, row_scale).T + bias, as a torch.library custom op.
 
-A Euclidean matmul whose weight is stored in the codec's format (rs_compile.codec.format). The CPU
-reference decodes the whole weight then calls F.linear; Inductor lowers it to the hand-written CPU
-kernel for few rows or to decode-then-GEMM (rs_compile.lowering.linear), CUDA to a Triton kernel
-(rs_compile.kernels). With ``act_bits=8`` x is first rounded to int8 per group
+A Euclidean matmul whose weight is stored in the codec's format (rs_compile.codec.format). On CPU
+it runs the hand-written kernel (rs_compile.lowering.cpu_kernel: a fused GEMV for few rows, decoded
+tiles + BLAS for many; :func:`reference_linear`, decode the whole weight then F.linear, where the
+kernel is unavailable or does not apply). Inductor lowers it to the same kernel for few rows or to
+decode-then-GEMM (rs_compile.lowering.linear), CUDA to a Triton kernel (rs_compile.kernels). With ``act_bits=8`` x is first rounded to int8 per group
 (rs_compile.codec.activations), which lets CPU kernels multiply in integers (W4A8).
 The weight is frozen: autograd flows to ``x`` (straight through the activation rounding) and to
 ``bias``, never to the codes.
@@ -61,6 +62,15 @@ def linear(
     act_bits: int = 0,
 ) -> torch.Tensor:
     check_inputs(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits)
+    if x.device.type == "cpu":  # the hand-written kernel, or the reference if it is unavailable
+        from rs_compile.lowering.cpu_kernel import linear_cpu
+
+        return linear_cpu(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits)
+    return reference_linear(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits)
+
+
+def reference_linear(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits=0):
+    """The pure reference of rs::linear: decode the whole weight, then F.linear (in x's dtype)."""
     if act_bits:
         x = quantize_activations(x, group_size)
     w = decode_weight(codes, groups, row_scale, bits, group_size, in_features)

@@ -13,6 +13,7 @@ from torch._inductor.utils import run_and_get_code
 
 from rs_compile.codec.encode import encode
 from rs_compile.codec.format import SUPPORTED_BITS, Format
+from rs_compile.lowering import cpu_kernel
 from rs_compile.modules import CompressedLinear
 
 
@@ -62,11 +63,29 @@ def layer():
     return compressed(N, K, 4, 32)
 
 
-def test_many_rows_decode_once_then_gemm(layer):
+def test_many_rows_call_the_kernel_which_decodes_then_gemms(layer):
+    """With the CPU kernel available the graph calls it directly for every row count (it picks
+    its GEMV or decoded tiles + BLAS per call): no decoded weight in the graph, no guard on M."""
+    assert cpu_kernel.kernel() is not None, cpu_kernel.status()
     torch._dynamo.reset()
+    x = torch.randn(64, K)
     with torch.no_grad():
+        y, codes = run_and_get_code(torch.compile(layer, backend="realitystone"), x)
+    code = "\n".join(codes)
+    assert "extern_kernels.rs_cpu_linear(" in code
+    assert N * K not in buffer_sizes(code)
+    ref, bound = reference_and_bound(layer, x)
+    assert ((y.double() - ref).abs() <= bound).all()
+
+
+def test_without_the_kernel_many_rows_decode_once_then_gemm(layer, monkeypatch):
+    monkeypatch.setitem(cpu_kernel._state, "tried", True)
+    monkeypatch.setitem(cpu_kernel._state, "kernel", None)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
         _, codes = run_and_get_code(torch.compile(layer, backend="realitystone"), torch.randn(64, K))
+    torch._dynamo.reset()
     code = "\n".join(codes)
     assert N * K in buffer_sizes(code)  # the decoded weight
     assert re.search(r"extern_kernels\.(addmm|mm)\(", code)
-
+    assert "rs_cpu_linear" not in code
