@@ -117,6 +117,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     cast by ``model.to(dtype)``), so that a file that saves also loads.
     """
     path = Path(path)
+    from rs_compile.experts import CompressedExperts
+
+    experts = [n for n, m in model.named_modules() if isinstance(m, CompressedExperts)]
+    if experts:
+        raise ValueError(
+            f"cannot save to {path}: the model holds CompressedExperts ({experts[:4]}), which this "
+            "file format does not store yet (load would not rebuild them). Save the unconverted "
+            "model and convert after loading, or keep the converted model in memory."
+        )
     named = dict(_named_tensors(model))
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
