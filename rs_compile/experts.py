@@ -22,8 +22,9 @@ row_scale, ...) -> [S, N]`` (row ``s`` multiplied by expert ``expert_ids[s]``). 
 decodes only the experts that appear in ``expert_ids`` and multiplies each one's rows with
 ``torch.ops.rs.linear`` on that expert's slice of the codes (so a faster rs::linear kernel speeds
 experts up too); a decode step of a top-k model reads k experts' codes per layer, not all E.
-Under torch.compile the op is one node of the graph; Inductor has no lowering for it and calls it
-as a fallback kernel (the surrounding activation, weighting and sum are compiled).
+Under torch.compile the op is one node of the graph. Inductor decomposes decode-sized calls (a few
+routed rows, static size) into a gather of the selected experts' codes fused with the reduction
+(rs_compile.lowering.experts); larger calls (prefill) run the CPU kernel above as a fallback.
 """
 
 from __future__ import annotations
@@ -66,6 +67,34 @@ def _check_expert_inputs(x, expert_ids, codes, groups, row_scale, bits, group_si
     check_packed(codes[0], groups[0], row_scale[0], bits, group_size, in_features)
 
 
+def _grouped(x, expert_ids, codes, groups, row_scale, bits, group_size, in_features, act_bits):
+    """The CPU kernel: rows grouped by expert, one ``rs::linear`` per expert present."""
+    _check_expert_inputs(x, expert_ids, codes, groups, row_scale, bits, group_size, in_features, act_bits)
+    out = x.new_empty((x.shape[0], codes.shape[1]))
+    if x.shape[0] == 0:
+        return out
+    n_experts = codes.shape[0]
+    ids = expert_ids.to(torch.long)
+    lo, hi = ids.aminmax()
+    if int(lo) < 0 or int(hi) >= n_experts:
+        raise ValueError(f"rs::expert_linear: expert_ids range over [{int(lo)}, {int(hi)}] but there "
+                         f"are {n_experts} experts")
+    if ids.shape[0] == 1 or bool((ids == ids[0]).all()):  # decode of one pair / one expert
+        e = int(ids[0])
+        out.copy_(torch.ops.rs.linear(x, codes[e], groups[e], row_scale[e], None, bits, group_size,
+                                      in_features, act_bits))
+        return out
+    order = torch.argsort(ids, stable=True)
+    experts, counts = torch.unique_consecutive(ids[order], return_counts=True)
+    start = 0
+    for e, n in zip(experts.tolist(), counts.tolist()):
+        rows = order[start:start + n]
+        start += n
+        out[rows] = torch.ops.rs.linear(x[rows], codes[e], groups[e], row_scale[e], None, bits,
+                                        group_size, in_features, act_bits)
+    return out
+
+
 @torch.library.custom_op("rs::expert_linear", mutates_args=())
 def expert_linear(
     x: torch.Tensor,
@@ -83,35 +112,38 @@ def expert_linear(
     Decodes only the experts present in ``expert_ids``; each expert's rows go through one
     ``rs::linear`` call on its slice of the stacked codes. ``expert_ids`` must lie in ``[0, E)``.
     """
+    return _grouped(x, expert_ids, codes, groups, row_scale, bits, group_size, in_features, act_bits)
+
+
+@torch.library.custom_op("rs::expert_linear_grouped", mutates_args=())
+def expert_linear_grouped(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    codes: torch.Tensor,
+    groups: torch.Tensor,
+    row_scale: torch.Tensor,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    act_bits: int = 0,
+) -> torch.Tensor:
+    """rs::expert_linear's CPU kernel as an op Inductor never decomposes: what the lowering of
+    rs::expert_linear emits for prefill-sized calls (an op cannot be both decomposed and a
+    fallback in Inductor)."""
+    return _grouped(x, expert_ids, codes, groups, row_scale, bits, group_size, in_features, act_bits)
+
+
+@expert_linear_grouped.register_fake
+def _(x, expert_ids, codes, groups, row_scale, bits, group_size, in_features, act_bits=0):
     _check_expert_inputs(x, expert_ids, codes, groups, row_scale, bits, group_size, in_features, act_bits)
-    out = x.new_empty((x.shape[0], codes.shape[1]))
-    if x.shape[0] == 0:
-        return out
-    n_experts = codes.shape[0]
-    ids = expert_ids.to(torch.long)
-    lo, hi = ids.aminmax()
-    if int(lo) < 0 or int(hi) >= n_experts:
-        raise ValueError(f"rs::expert_linear: expert_ids range over [{int(lo)}, {int(hi)}] but there "
-                         f"are {n_experts} experts")
-    if ids.shape[0] == 1 or bool((ids == ids[0]).all()):  # decode of one pair / one expert
-        e = int(ids[0])
-        out.copy_(torch.ops.rs.linear(x, codes[e], groups[e], row_scale[e], None, bits, group_size,
-                                      in_features, act_bits))
-        return out
-    order = torch.argsort(ids, stable=True)
-    sorted_ids = ids[order]
-    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    start = 0
-    for e, n in zip(experts.tolist(), counts.tolist()):
-        rows = order[start:start + n]
-        start += n
-        out[rows] = torch.ops.rs.linear(x[rows], codes[e], groups[e], row_scale[e], None, bits,
-                                        group_size, in_features, act_bits)
-    return out
+    return x.new_empty((x.shape[0], codes.shape[1]))
 
 
 @expert_linear.register_fake
 def _(x, expert_ids, codes, groups, row_scale, bits, group_size, in_features, act_bits=0):
+    from rs_compile.lowering import install_lowerings  # imports this module
+
+    install_lowerings()  # a graph holding the op is being traced: Inductor may compile it next
     _check_expert_inputs(x, expert_ids, codes, groups, row_scale, bits, group_size, in_features, act_bits)
     return x.new_empty((x.shape[0], codes.shape[1]))
 
