@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rs_compile.codec.encode import encode
+from rs_compile.codec.encode import EncodedWeight, encode
 from rs_compile.codec.format import Format, decode_weight
 from rs_compile.ops.linear import check_packed, linear  # noqa: F401  (registers rs::linear)
 
@@ -235,6 +235,26 @@ class CompressedExperts(nn.Module):
         y = y * top_k_weights.reshape(-1, 1).to(y.dtype)
         return y.view(tokens, k, self.hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
+    def meta(self) -> dict:
+        """What rs_compile.save records for the module (the packed buffers are saved as tensors)."""
+        return dict(kind="experts", bits=self.bits, group_size=self.group_size,
+                    num_experts=self.num_experts, hidden_dim=self.hidden_dim,
+                    intermediate_dim=self.intermediate_dim, act_bits=self.act_bits)
+
+    def packed_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return experts_specs(self.meta())
+
+    @classmethod
+    def from_packed(cls, meta: dict, packed: dict[str, torch.Tensor], act_fn) -> CompressedExperts:
+        """The module ``meta`` and its packed buffers (named as :func:`experts_specs`) describe."""
+        fmt = Format(meta["bits"], meta["group_size"])
+        encs = {}
+        for proj, k in (("gate_up_proj", meta["hidden_dim"]), ("down_proj", meta["intermediate_dim"])):
+            encs[proj] = [EncodedWeight(*(packed[f"{proj}_{n}"][e] for n in PACKED), fmt, k)
+                          for e in range(meta["num_experts"])]
+        return cls(encs["gate_up_proj"], encs["down_proj"], act_fn, meta["hidden_dim"],
+                   meta["intermediate_dim"], meta["act_bits"])
+
     def dequantize(self) -> dict[str, torch.Tensor]:
         """The dense float32 ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` the codes
         represent (nn.Linear orientation per expert, whatever the original stored)."""
@@ -251,6 +271,62 @@ class CompressedExperts(nn.Module):
                 f"group_size={self.group_size}" + (f", act_bits={self.act_bits}" if self.act_bits else ""))
 
 
+def experts_specs(meta: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Buffer name -> (shape, dtype) of a CompressedExperts described by ``meta``."""
+    fmt = Format(meta["bits"], meta["group_size"])
+    e, h, i = meta["num_experts"], meta["hidden_dim"], meta["intermediate_dim"]
+    specs = {}
+    for proj, (out, k) in (("gate_up_proj", (2 * i, h)), ("down_proj", (h, i))):
+        for name, (shape, dtype) in fmt.packed_specs(out, k).items():
+            specs[f"{proj}_{name}"] = ((e, *shape), dtype)
+    return specs
+
+
+def check_experts(where: str, name: str, meta, tensors) -> dict:
+    """ValueError unless ``meta`` is a valid CompressedExperts record and ``tensors`` hold exactly
+    its packed buffers; returns their specs."""
+    from rs_compile.codec.activations import ACT_BITS
+
+    keys = ("bits", "group_size", "num_experts", "hidden_dim", "intermediate_dim", "act_bits")
+    if (not isinstance(meta, dict) or any(type(meta.get(k)) is not int for k in keys)
+            or min(meta[k] for k in keys[2:5]) <= 0 or meta["act_bits"] not in ACT_BITS):
+        raise ValueError(f"{where}: compressed experts {name!r} have invalid metadata {meta}")
+    try:
+        specs = experts_specs(meta)
+    except ValueError as err:
+        raise ValueError(f"{where}: compressed experts {name!r}: {err}") from None
+    for key, (shape, dtype) in specs.items():
+        t = tensors.get(f"{name}.{key}")
+        if t is None:
+            raise ValueError(f"{where}: tensor {name}.{key} of compressed experts {name!r} is missing")
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"{where}: tensor {name}.{key} is {t.dtype} {list(t.shape)}, but "
+                             f"experts {name!r} store {dtype} {list(shape)}")
+    return specs
+
+
+def load_experts(where: str, name: str, module: nn.Module | None, meta: dict,
+                 tensors: dict[str, torch.Tensor]) -> CompressedExperts:
+    """rs_compile.load's builder for a saved CompressedExperts: checks the file's metadata and
+    tensors and the model's experts module at ``name`` (ValueError naming what is wrong)."""
+    specs = check_experts(where, name, meta, tensors)
+    reason = "no such module" if module is None else layout_reason(module, check_device=False)
+    if reason is None:
+        gu, _ = _oriented(module)
+        want = (meta["num_experts"], 2 * meta["intermediate_dim"], meta["hidden_dim"])
+        if tuple(gu.shape) != want:
+            reason = f"its gate_up_proj is {list(gu.shape)} (nn.Linear orientation), the file's {list(want)}"
+    if reason:
+        raise ValueError(f"{where} compresses experts {name!r} but the model's module there does not "
+                         f"fit ({reason}): load into a freshly built, unconverted model of the same "
+                         "architecture")
+    layer = CompressedExperts.from_packed(meta, {k: tensors[f"{name}.{k}"] for k in specs}, module.act_fn)
+    if layer.meta() != meta:
+        raise ValueError(f"{where}: compressed experts {name!r} have metadata {meta}, which this "
+                         f"rs_compile does not write (it writes {layer.meta()})")
+    return layer
+
+
 # --------------------------------------------------------------------------------------------
 # recognition (used by convert)
 
@@ -263,7 +339,7 @@ def _default_gate():
     return _default_apply_gate
 
 
-def layout_reason(module: nn.Module) -> str | None:
+def layout_reason(module: nn.Module, check_device: bool = True) -> str | None:
     """Why ``module`` (which holds a 3-D parameter) is not an experts layout CompressedExperts can
     stand in for, or None when it looks like one (the probe in :func:`compress_experts` decides)."""
     params = dict(module.named_parameters(recurse=False))
@@ -291,7 +367,7 @@ def layout_reason(module: nn.Module) -> str | None:
                 f"{tuple(params['down_proj'].shape)} do not fit [E, 2I, H] / [E, H, I]"
                 + (" (transposed)" if getattr(module, "is_transposed", False) else ""))
     for p in (gu, down):
-        if p.device.type == "meta":
+        if check_device and p.device.type == "meta":
             return "expert weights are on the meta device (load real weights first)"
         if not p.is_floating_point():
             return f"expert weight dtype {p.dtype} is not floating point"

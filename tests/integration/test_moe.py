@@ -284,12 +284,29 @@ def test_expert_linear_gradient_to_inputs():
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_save_refuses_compressed_experts(tmp_path):
+def test_save_and_load_round_trip_compressed_experts(tmp_path):
     torch.manual_seed(0)
-    model = rs_compile.convert(_mixtral().eval())
-    with pytest.raises(ValueError, match="CompressedExperts"):
-        rs_compile.save(model, tmp_path / "m")
-    assert not (tmp_path / "m").exists()
+    model = rs_compile.convert(_qwen3_moe().eval())
+    rs_compile.save(model, tmp_path / "m")
+    with torch.device("meta"):
+        fresh = _qwen3_moe()
+    loaded = rs_compile.load(fresh, tmp_path / "m")
+    assert isinstance(loaded.model.layers[1].mlp.experts, CompressedExperts)
+    assert not [n for n, p in loaded.named_parameters() if p.dim() >= 3]
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_load_refuses_experts_into_another_architecture(tmp_path):
+    torch.manual_seed(0)
+    rs_compile.save(rs_compile.convert(_qwen3_moe().eval()), tmp_path / "m")
+    cfg = copy.deepcopy(_qwen3_moe().config)
+    cfg.moe_intermediate_size = 32
+    other = transformers.Qwen3MoeForCausalLM(cfg)
+    with pytest.raises(ValueError, match="experts 'model.layers.0.mlp.experts'"):
+        rs_compile.load(other, tmp_path / "m")
+    assert not any(isinstance(m, CompressedExperts) for m in other.modules())
 
 
 @pytest.mark.parametrize("tokens", [1, 12])  # decode: per-row rs::linear lowering; prefill: grouped fallback
