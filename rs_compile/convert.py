@@ -131,6 +131,9 @@ def convert(
             module=name, pattern=type(module).__name__, out_features=enc.out_features,
             in_features=enc.in_features, bits=enc.bits,
             dense_bytes=weight.numel() * weight.element_size(), compressed_bytes=enc.nbytes()))
+    from rs_compile.experts import find_experts  # MoE experts: 3-D parameters, not nn.Linear
+
+    new.update(find_experts(model, config, report, progress))
     for name, module in new.items():
         model.set_submodule(name, module)
     if new:

@@ -11,7 +11,7 @@ import torch.fx
 @dataclasses.dataclass
 class LinearRewrite:
     module: str
-    pattern: str  # linear | addmm | mm+add | matmul | call_module | fused_qkv
+    pattern: str  # linear | addmm | mm+add | matmul | call_module | fused_qkv | experts
     out_features: int
     in_features: int
     bits: int
@@ -81,9 +81,11 @@ class Report:
         ratio = f" ({dense / packed:.2f}x smaller)" if packed else ""
         tables = sum(r.pattern == "embedding" for r in self.linear_rewrites)
         tied = sum(r.pattern.startswith("tied:") for r in self.linear_rewrites)
-        linears = len(self.linear_rewrites) - tables - tied
+        experts = sum(r.pattern == "experts" for r in self.linear_rewrites)
+        linears = len(self.linear_rewrites) - tables - tied - experts
         extra = "".join(f"{n} {what}, " for n, what in ((tables, "embedding rewrites"),
-                                                        (tied, "tied heads")) if n)
+                                                        (tied, "tied heads"),
+                                                        (experts, "expert tensors")) if n)
         lines = [f"rs_compile: {linears} linear rewrites, {extra}"
                  f"{len(self.attention_rewrites)} attention rewrites, "
                  f"{len(self.skipped)} skipped; weights {dense:,} -> {packed:,} bytes{ratio}"]

@@ -3,7 +3,8 @@
 A folder holds two files:
 
 * ``rs_compile.safetensors``: every tensor of the model, once: the packed buffers of each
-  CompressedLinear and CompressedEmbedding (``<module>.<name>`` for each name of
+  CompressedLinear, CompressedEmbedding and CompressedExperts (``<module>.gate_up_proj_codes``,
+  ...: rs_compile.experts.experts_specs) (``<module>.<name>`` for each name of
   ``Format.packed_specs``, and ``<module>.bias``) and every remaining parameter and buffer
   (non-persistent buffers too, so a meta-device model comes back complete); a tied output layer's
   buffers are aliases of its embedding's;
@@ -129,9 +130,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         else:
             first_name[id(t)] = name
             tensors[name] = t.detach().contiguous()
-    modules = {n: m.meta() for n, m in model.named_modules() if isinstance(m, COMPRESSED)}
+    from rs_compile.experts import CompressedExperts, check_experts
+
+    modules = {n: m.meta() for n, m in model.named_modules()
+               if isinstance(m, (*COMPRESSED, CompressedExperts))}
     for name, m in modules.items():
-        _check_layer(f"cannot save to {path}", name, m, named)
+        if m.get("kind") == "experts":
+            check_experts(f"cannot save to {path}", name, m, named)
+        else:
+            _check_layer(f"cannot save to {path}", name, m, named)
     meta = {"format": FORMAT, "version": VERSION, "modules": modules, "aliases": aliases,
             "tensors": {n: _record(t) for n, t in tensors.items()}}
     meta["sha256"] = _meta_sha256(meta)
@@ -202,6 +209,10 @@ def _compressed_module(file: Path, name: str, module: nn.Module | None, m: dict,
                        tensors: Mapping[str, torch.Tensor]) -> nn.Module:
     """The CompressedLinear or CompressedEmbedding for ``name``, after checking the file's layer
     and the model's."""
+    if isinstance(m, Mapping) and m.get("kind") == "experts":
+        from rs_compile.experts import load_experts
+
+        return load_experts(str(file), name, module, dict(m), tensors)
     _check_layer(str(file), name, m, tensors)
     embedding = m.get("kind") == "embedding"
     shape = (m["out_features"], m["in_features"])
@@ -273,11 +284,13 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
            for n, m in meta["modules"].items()}
     # the packed buffers (and bias) the new modules hold; a tied head's are aliases
     held = {f"{n}.{key}" for n, layer in new.items()
-            for key in (*PACKED, *(("bias",) if getattr(layer, "bias", None) is not None else ()))}
+            for key in (layer.packed_specs() if hasattr(layer, "packed_specs") else
+                        (*PACKED, *(("bias",) if getattr(layer, "bias", None) is not None else ())))}
     for name in held:
         tensors.pop(name, None)
         aliases.pop(name, None)
-    replaced = {f"{c}.{leaf}" for c in new for leaf in ("weight", "bias")}
+    replaced = {f"{c}.{leaf}" for c in new
+                for leaf in ("weight", "bias", "gate_up_proj", "down_proj")}  # the last: experts
     expected = {n: t for n, t in _named_tensors(model) if n not in replaced}
     missing = sorted(set(expected) - set(tensors) - set(aliases))
     unexpected = sorted((set(tensors) | set(aliases)) - set(expected))

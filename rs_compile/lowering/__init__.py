@@ -13,10 +13,11 @@ import functools
 
 @functools.cache
 def _register() -> None:
-    from rs_compile.lowering import attention, linear
+    from rs_compile.lowering import attention, experts, linear
 
     linear.install()
     attention.install()
+    experts.install()
 
 
 def install_lowerings() -> None:

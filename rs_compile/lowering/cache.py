@@ -23,7 +23,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 # What decides the code Inductor generates for an rs graph; the CLI, docs or eval do not.
-COMPILE_SOURCES = ("codec", "ops", "lowering", "passes", "kernels", "backend.py", "config.py")
+COMPILE_SOURCES = ("codec", "ops", "lowering", "passes", "kernels", "backend.py", "config.py",
+                   "experts.py")
 
 
 @functools.lru_cache(maxsize=None)
