@@ -183,8 +183,9 @@ OURS_CONFIGS = {  # --configs: rs_compile.convert variants, on top of --bits / -
     "default": ({}, "whole model: linears and embedding (tied head reads its codes)"),
     "linears": ({"embeddings": False}, "embeddings=False: linears only, embedding/head dense"),
     "8bit": ({"bits": 8, "embedding_bits": 8}, "bits=8, embedding_bits=8, whole model"),
-    "calibrated": ({"bit_budget": 4.5}, "calibration=calibration.txt (one item per line), "
-                   "bit_budget=4.5, whole model"),
+    "calibrated": ({}, "calibration=calibration.txt (one item per line): GPTQ, 4-bit, whole model"),
+    "budget": ({"bit_budget": 4.5}, "calibration=calibration.txt, bit_budget=4.5 (3/4/8-bit "
+               "layers chosen from each layer's measured effect), whole model"),
 }
 
 
@@ -198,8 +199,8 @@ def _methods(args: argparse.Namespace, config: CompressionConfig, tokenizer: Any
     found = {}
     for name in args.configs:
         options, _ = OURS_CONFIGS[name]
-        calibration = (_calibration(harness.CALIBRATION_FILE, tokenizer) if name == "calibrated"
-                       else None)
+        calibration = (_calibration(harness.CALIBRATION_FILE, tokenizer)
+                       if name in ("calibrated", "budget") else None)
         found[f"ours {name}"] = methods.ours(dataclasses.replace(config, **options), calibration)
     searched = methods.group_storage  # codes + a signed step byte per group + a bf16 row scale
     catalogue = {
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", parents=[codec], help="compress a built-in model offline and measure it")
-    p.add_argument("--iters", type=int, default=10, help="timed calls per model (default 10)")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per model (default 10); Gemma: prompts, at most 3")
     p.set_defaults(func=_demo)
 
     tied = argparse.ArgumentParser(add_help=False)
@@ -312,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out sequences (a causal LM without a tokenizer: tinystories)")
     p.add_argument("--configs", nargs="*", default=["default"], choices=tuple(OURS_CONFIGS),
                    help="rs_compile variants (gemma3-270m): default (whole model), linears "
-                        "(embeddings=False), 8bit, calibrated (calibration.txt, bit_budget=4.5)")
+                        "(embeddings=False), 8bit, calibrated (GPTQ on calibration.txt), budget "
+                        "(calibrated with bit_budget=4.5)")
     p.add_argument("--gguf", nargs="*", default=[], type=Path, metavar="FILE",
                    help="GGUF files of the same model (e.g. llama.cpp Q4_0 / IQ4_XS / Q8_0), read "
                         "back dequantized and scored on the same tokens (gemma3-270m)")

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from transformers import BatchEncoding
 
 import rs_compile
 from rs_compile.codec.format import Format
@@ -22,9 +23,10 @@ class CharTokenizer:
 
     def __call__(self, text, add_special_tokens=True, return_tensors=None):
         ids = ([self.bos_token_id] if add_special_tokens else []) + [2 + ord(c) % 1000 for c in text]
-        if return_tensors == "pt":
-            return {"input_ids": torch.tensor([ids])}
-        return type("Encoding", (), {"input_ids": ids})()
+        return BatchEncoding({"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids})
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i - 2) for i in ids.tolist() if i >= 2)
 
 
 def tied_llama():
