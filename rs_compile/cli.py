@@ -233,30 +233,34 @@ def _eval_text(args: argparse.Namespace, config: CompressionConfig, model: Any, 
         sizes[name] = built
         return built.model
 
-    n_linear, n_table = methods.part_parameters(model)
     from rs_compile.demo import model_bytes
 
-    with progress("eval: reference outputs of the original model") as bar:
-        results = harness.compare_causal_lm(
-            model, {name: (lambda n=name, m=m: student(n, m)) for name, m in found.items()},
-            text.sequences, text.prompts, args.new_tokens, batch_size=1,
-            on_student=lambda name: bar.set_description(
-                f"eval: {name} ({list(found).index(name) + 1}/{len(found)})"))
+    n_linear, n_table = methods.part_parameters(model)
     print(f"tokens: {text.description}; greedy continuations of {args.new_tokens} tokens; "
           f"KL(original || compressed) in nats. Parts: linears {n_linear / 1e6:.1f}M weights, "
           f"embedding/head {n_table / 1e6:.1f}M.")
-    rows = [f"{'method':<30} {'bpw lin':>7} {'bpw emb':>7} {'MB':>7} {'KLD':>8} {'top-1':>7} "
-            f"{'ppl':>7} {'BLEU':>6}"]
-    for name, r in results.items():
+    header = (f"{'method':<30} {'bpw lin':>7} {'bpw emb':>7} {'MB':>7} {'KLD':>8} {'top-1':>7} "
+              f"{'ppl':>7} {'BLEU':>6}")
+
+    def row(name: str, r: Any) -> str:
         if name == "original":
             lin = emb = 32.0
             mb = model_bytes(model) / 1e6
             name = "original (float32)"
         else:
             lin, emb, mb = sizes[name].linear_bits, sizes[name].embedding_bits, sizes[name].nbytes / 1e6
-        rows.append(f"{name:<30} {lin:>7.3f} {emb:>7.3f} {mb:>7.1f} {r.kl:>8.4f} {r.top1:>7.2%} "
-                    f"{r.ppl:>7.2f} {r.bleu:>6.1f}")
-    print("\n".join(rows))
+        return (f"{name:<30} {lin:>7.3f} {emb:>7.3f} {mb:>7.1f} {r.kl:>8.4f} {r.top1:>7.2%} "
+                f"{r.ppl:>7.2f} {r.bleu:>6.1f}")
+
+    print(f"as measured:\n{header}", flush=True)
+    with progress("eval: reference outputs of the original model") as bar:
+        results = harness.compare_causal_lm(
+            model, {name: (lambda n=name, m=m: student(n, m)) for name, m in found.items()},
+            text.sequences, text.prompts, args.new_tokens, batch_size=1,
+            on_student=lambda name: bar.set_description(
+                f"eval: {name} ({list(found).index(name) + 1}/{len(found)})"),
+            on_result=lambda name, r: print(row(name, r), flush=True))
+    print("\n".join([f"\n{header}", *(row(name, r) for name, r in results.items())]))
     for name in args.configs:
         print(f"ours {name}: {OURS_CONFIGS[name][1]}")
     if importlib.util.find_spec("hqq") is None:

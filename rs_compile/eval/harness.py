@@ -135,19 +135,23 @@ def compare_causal_lm(
     new_tokens: int,
     batch_size: int = 16,
     on_student: Callable[[str], None] | None = None,
+    on_result: Callable[[str, CausalLMFidelity], None] | None = None,
 ) -> dict[str, CausalLMFidelity]:
     """Per student: teacher-forced KL / top-1 / perplexity on ``sequences`` and greedy BLEU of
     ``new_tokens``-token continuations of ``prompts``, against the original ``model``.
 
     The original's logits and continuations are computed once; each student is built by its
     callable only when its turn comes (``on_student(name)`` is called first) and dropped after,
-    so one large model at a time sits beside the original. The ``"original"`` entry of the result
+    so one large model at a time sits beside the original; ``on_result(name, fidelity)`` reports
+    each result (the original's first) as soon as it is measured. The ``"original"`` entry of the result
     scores the model against itself (KL 0, BLEU 100) and carries its own perplexity.
     """
     reference = batch_logits(model, sequences, batch_size)
     continuations = greedy_continuations(model, prompts, new_tokens)
     self_kl = next_token_kl_top1(reference, _Replay(reference), sequences, batch_size)
     results = {"original": CausalLMFidelity(self_kl.kl, self_kl.top1, 100.0, self_kl.ppl)}
+    if on_result is not None:
+        on_result("original", results["original"])
     for name, build in students.items():
         if on_student is not None:
             on_student(name)
@@ -155,6 +159,8 @@ def compare_causal_lm(
         kl, top1, ppl = next_token_kl_top1(reference, student, sequences, batch_size)
         score = bleu(greedy_continuations(student, prompts, new_tokens), continuations)
         results[name] = CausalLMFidelity(kl, top1, score, ppl)
+        if on_result is not None:
+            on_result(name, results[name])
         del student
     return results
 
