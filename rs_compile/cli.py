@@ -159,10 +159,14 @@ def _eval(args: argparse.Namespace) -> int:
     from rs_compile.progress import progress
 
     config = _config(args)
+    model, tokenizer = _loaded(args.model)
+    if tokenizer is not None and args.model != "minilm":
+        return _eval_text(args, config, model, tokenizer)
+    if args.gguf or args.configs != ["default"]:
+        raise ValueError("--gguf and --configs apply to causal LMs with a tokenizer (gemma3-270m)")
     quantizers = {f"rs_compile {config.bits}-bit g{config.group_size}": quantizer(config)}
     baselines = harness.baseline_quantizers(config.group_size)
     quantizers.update({b: baselines[b] for b in args.baseline})
-    model, tokenizer = _loaded(args.model)
     with progress("eval: reference outputs of the original model") as bar:
         quantizers = {name: _announcing(bar, f"eval: {name} ({i}/{len(quantizers)})", q)
                       for i, (name, q) in enumerate(quantizers.items(), 1)}
@@ -175,6 +179,96 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+OURS_CONFIGS = {  # --configs: rs_compile.convert variants, on top of --bits / --group-size
+    "default": ({}, "whole model: linears and embedding (tied head reads its codes)"),
+    "linears": ({"embeddings": False}, "embeddings=False: linears only, embedding/head dense"),
+    "8bit": ({"bits": 8, "embedding_bits": 8}, "bits=8, embedding_bits=8, whole model"),
+    "calibrated": ({}, "calibration=calibration.txt (one item per line): GPTQ, 4-bit, whole model"),
+    "budget": ({"bit_budget": 4.5}, "calibration=calibration.txt, bit_budget=4.5 (3/4/8-bit "
+               "layers chosen from each layer's measured effect), whole model"),
+}
+
+
+def _methods(args: argparse.Namespace, config: CompressionConfig, tokenizer: Any) -> dict[str, Any]:
+    """The methods ``rs-compile eval`` compares on a tokenizer-equipped causal LM."""
+    import dataclasses
+
+    from rs_compile.eval import harness, methods
+
+    g = config.group_size
+    found = {}
+    for name in args.configs:
+        options, _ = OURS_CONFIGS[name]
+        calibration = (_calibration(harness.CALIBRATION_FILE, tokenizer)
+                       if name in ("calibrated", "budget") else None)
+        found[f"ours {name}"] = methods.ours(dataclasses.replace(config, **options), calibration)
+    searched = methods.group_storage  # codes + a signed step byte per group + a bf16 row scale
+    catalogue = {
+        "nf4": ("NF4, searched scales", searched(4, g, 8, 16)),
+        "rtn_int4": ("RTN int4, searched scales", searched(4, g, 8, 16)),
+        "int8": ("RTN int8, searched scales", searched(8, g, 8, 16)),
+        "hqq4": ("HQQ-style 4-bit (in-house)", searched(4, g, 32)),  # fp16 scale + fp16 zero
+    }
+    quantizers = harness.baseline_quantizers(g)
+    for name in args.baseline:
+        label, storage = catalogue[name]
+        found[label] = methods.fake_quantized(quantizers[name], storage)
+    for path in args.gguf:
+        found[f"GGUF {path.stem}"] = methods.gguf(path)
+    return found
+
+
+def _eval_text(args: argparse.Namespace, config: CompressionConfig, model: Any, tokenizer: Any) -> int:
+    import importlib.util
+
+    from rs_compile.eval import harness, methods
+    from rs_compile.progress import progress
+
+    text = harness.held_out_text(tokenizer, args.tokens, args.prompts, args.prompt_tokens)
+    found = _methods(args, config, tokenizer)
+    sizes: dict[str, Any] = {}
+
+    def student(name: str, method: Any) -> Any:
+        built = method(model)
+        sizes[name] = built
+        return built.model
+
+    from rs_compile.demo import model_bytes
+
+    n_linear, n_table = methods.part_parameters(model)
+    print(f"tokens: {text.description}; greedy continuations of {args.new_tokens} tokens; "
+          f"KL(original || compressed) in nats. Parts: linears {n_linear / 1e6:.1f}M weights, "
+          f"embedding/head {n_table / 1e6:.1f}M.")
+    header = (f"{'method':<30} {'bpw lin':>7} {'bpw emb':>7} {'MB':>7} {'KLD':>8} {'top-1':>7} "
+              f"{'ppl':>7} {'BLEU':>6}")
+
+    def row(name: str, r: Any) -> str:
+        if name == "original":
+            lin = emb = 32.0
+            mb = model_bytes(model) / 1e6
+            name = "original (float32)"
+        else:
+            lin, emb, mb = sizes[name].linear_bits, sizes[name].embedding_bits, sizes[name].nbytes / 1e6
+        return (f"{name:<30} {lin:>7.3f} {emb:>7.3f} {mb:>7.1f} {r.kl:>8.4f} {r.top1:>7.2%} "
+                f"{r.ppl:>7.2f} {r.bleu:>6.1f}")
+
+    print(f"as measured:\n{header}", flush=True)
+    with progress("eval: reference outputs of the original model") as bar:
+        results = harness.compare_causal_lm(
+            model, {name: (lambda n=name, m=m: student(n, m)) for name, m in found.items()},
+            text.sequences, text.prompts, args.new_tokens, batch_size=1,
+            on_student=lambda name: bar.set_description(
+                f"eval: {name} ({list(found).index(name) + 1}/{len(found)})"),
+            on_result=lambda name, r: print(row(name, r), flush=True))
+    print("\n".join([f"\n{header}", *(row(name, r) for name, r in results.items())]))
+    for name in args.configs:
+        print(f"ours {name}: {OURS_CONFIGS[name][1]}")
+    if importlib.util.find_spec("hqq") is None:
+        print("not run: HQQ from the hqq package (not installed; `pip install hqq`); the "
+              "'HQQ-style' row, if any, is rs_compile.eval.baselines.hqq")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rs-compile", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=version("rs-compile"))
@@ -184,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", parents=[codec], help="compress a built-in model offline and measure it")
-    p.add_argument("--iters", type=int, default=10, help="timed calls per model (default 10)")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per model (default 10); Gemma: prompts, at most 3")
     p.set_defaults(func=_demo)
 
     tied = argparse.ArgumentParser(add_help=False)
@@ -215,10 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", add_help=False, help="benchmarks (rs_compile.bench; `bench --help`)")
 
     p = sub.add_parser("eval", parents=[codec], help="fidelity of the codec on a trained built-in model")
-    p.add_argument("--model", choices=("tinystories", "minilm"), default="tinystories")
+    p.add_argument("--model", choices=("tinystories", "minilm", "gemma3-270m"), default="tinystories")
     p.add_argument("--baseline", nargs="*", default=[], choices=("nf4", "rtn_int4", "int8", "hqq4"),
-                   help="also evaluate these reference codecs")
-    p.add_argument("--sequences", type=int, default=64, help="held-out sequences (causal LM)")
+                   help="also evaluate these reference codecs (per-group scales found by the same "
+                        "search as ours, except hqq4's own zero-point search)")
+    p.add_argument("--sequences", type=int, default=64,
+                   help="held-out sequences (a causal LM without a tokenizer: tinystories)")
+    p.add_argument("--configs", nargs="*", default=["default"], choices=tuple(OURS_CONFIGS),
+                   help="rs_compile variants (gemma3-270m): default (whole model), linears "
+                        "(embeddings=False), 8bit, calibrated (GPTQ on calibration.txt), budget "
+                        "(calibrated with bit_budget=4.5)")
+    p.add_argument("--gguf", nargs="*", default=[], type=Path, metavar="FILE",
+                   help="GGUF files of the same model (e.g. llama.cpp Q4_0 / IQ4_XS / Q8_0), read "
+                        "back dequantized and scored on the same tokens (gemma3-270m)")
+    p.add_argument("--tokens", type=int, default=1024,
+                   help="held-out tokens after BOS (rs_compile/eval/data/heldout.txt; default 1024)")
+    p.add_argument("--prompts", type=int, default=32, help="BLEU prompts (default 32)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="tokens per BLEU prompt after BOS")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per continuation")
     p.set_defaults(func=_eval)
     return parser
 

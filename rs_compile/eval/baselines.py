@@ -46,8 +46,38 @@ def _absmax(groups: torch.Tensor) -> torch.Tensor:
     return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
 
 
-def nf4(w: torch.Tensor, group_size: int = 64) -> torch.Tensor:
-    """bitsandbytes NF4: scale by the group's absmax, round to the nearest of the 16 NF4 levels."""
+def searched_scales(w: torch.Tensor, levels: tuple[float, ...] | torch.Tensor,
+                    group_size: int = 32) -> torch.Tensor:
+    """Round each group to the nearest of ``levels`` times a scale chosen by the *same* per-group
+    search and scale storage as rs_compile's encoder (rs_compile.codec.encode), so a baseline's
+    level set is compared with ours on equal terms: the absmax scale (the group oriented so its
+    largest magnitude is positive, i.e. a signed scale) and its least-squares refit, whichever errs
+    less, then stored as an integer step ``|k| <= 127`` (one signed byte per group: a baseline has
+    no table index to store) times one bf16 scale per row, the step chosen among the five around
+    the continuous scale. Storage: the codes, 8 bits per group and 16 bits per row."""
+    from rs_compile.codec.encode import SortedGroups, choose_steps, row_scales, table_scales
+
+    groups = _to_groups(w, group_size)
+    rows, ngroups, _ = groups.shape
+    table = torch.as_tensor(levels, dtype=torch.float64).view(1, -1)
+    sorted_groups = SortedGroups(groups.reshape(-1, group_size))
+    scales, _ = table_scales(sorted_groups, table)
+    unit = row_scales(scales[0].view(rows, ngroups), SEARCH_MAX_STEP).double()
+    k, _, pos = choose_steps(sorted_groups, table, scales, unit.repeat_interleave(ngroups),
+                             SEARCH_MAX_STEP)
+    scale = (sorted_groups.sign * k * unit.repeat_interleave(ngroups)).unsqueeze(-1)
+    recon = scale * table[0][sorted_groups.codes(pos).long()]
+    return _from_groups(recon.float().view(rows, ngroups, group_size), w.shape[1])
+
+
+SEARCH_MAX_STEP = 127  # largest scale step of :func:`searched_scales` (a signed byte per group)
+
+
+def nf4(w: torch.Tensor, group_size: int = 64, scale_search: bool = False) -> torch.Tensor:
+    """bitsandbytes NF4: scale by the group's absmax, round to the nearest of the 16 NF4 levels.
+    ``scale_search=True``: the scale of :func:`searched_scales` instead of the absmax."""
+    if scale_search:
+        return searched_scales(w, NF4_LEVELS, group_size)
     groups = _to_groups(w, group_size)
     scale = _absmax(groups)
     levels = torch.tensor(NF4_LEVELS)
@@ -55,21 +85,24 @@ def nf4(w: torch.Tensor, group_size: int = 64) -> torch.Tensor:
     return _from_groups(levels[index] * scale, w.shape[1])
 
 
-def _symmetric_rtn(w: torch.Tensor, group_size: int, qmax: int) -> torch.Tensor:
-    """Round-to-nearest on the ``2 qmax + 1`` integers ``-qmax..qmax`` with scale absmax / qmax."""
+def _symmetric_rtn(w: torch.Tensor, group_size: int, qmax: int, scale_search: bool = False) -> torch.Tensor:
+    """Round-to-nearest on the ``2 qmax + 1`` integers ``-qmax..qmax`` with scale absmax / qmax
+    (``scale_search``: the scale of :func:`searched_scales`)."""
+    if scale_search:
+        return searched_scales(w, tuple(range(-qmax, qmax + 1)), group_size)
     groups = _to_groups(w, group_size)
     scale = _absmax(groups) / qmax
     return _from_groups(torch.round(groups / scale).clamp(-qmax, qmax) * scale, w.shape[1])
 
 
-def rtn_int4(w: torch.Tensor, group_size: int = 64) -> torch.Tensor:
+def rtn_int4(w: torch.Tensor, group_size: int = 64, scale_search: bool = False) -> torch.Tensor:
     """Symmetric int4 round-to-nearest: 15 levels -7..7, scale absmax / 7 (-8 unused: 0 exact)."""
-    return _symmetric_rtn(w, group_size, 7)
+    return _symmetric_rtn(w, group_size, 7, scale_search)
 
 
-def int8(w: torch.Tensor, group_size: int = 64) -> torch.Tensor:
+def int8(w: torch.Tensor, group_size: int = 64, scale_search: bool = False) -> torch.Tensor:
     """Symmetric int8 round-to-nearest: 255 levels -127..127, scale absmax / 127."""
-    return _symmetric_rtn(w, group_size, 127)
+    return _symmetric_rtn(w, group_size, 127, scale_search)
 
 
 def hqq(

