@@ -39,7 +39,7 @@ def compile_graph(
     from rs_compile.lowering import install_lowerings
     from rs_compile.lowering.cache import inductor_config_patches
     from rs_compile.passes.attention import rewrite_attention
-    from rs_compile.passes.experts import report_dense_experts
+    from rs_compile.passes.experts import compress_grouped_experts, report_dense_experts
     from rs_compile.passes.graph import GraphRewrite
     from rs_compile.passes.linear import compress_linears
     from rs_compile.passes.qkv import fuse_qkv_projections
@@ -50,7 +50,8 @@ def compile_graph(
     rewrite_attention(rw, config, local)
     fuse_qkv_projections(rw, config, local)  # before compress_linears, which takes the rest
     compress_linears(rw, config, local)
-    report_dense_experts(rw, local)  # MoE expert tensors are compressed by convert, not here
+    compress_grouped_experts(rw, config, local)  # MoE experts reached through grouped_mm
+    report_dense_experts(rw, local)  # and those it leaves dense
     new_gm = rw.finish()
     if record_graphs:
         local.graphs_before.append(readable_graph(gm))
