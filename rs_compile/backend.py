@@ -42,7 +42,7 @@ def compile_graph(
     from rs_compile.lowering import install_lowerings
     from rs_compile.lowering.cache import inductor_config_patches
     from rs_compile.passes.attention import rewrite_attention
-    from rs_compile.passes.experts import report_dense_experts
+    from rs_compile.passes.experts import compress_grouped_experts, report_dense_experts
     from rs_compile.passes.graph import GraphRewrite
     from rs_compile.passes.leftovers import report_dense_weights
     from rs_compile.passes.linear import FROZEN_REASON, compress_linears
@@ -54,8 +54,9 @@ def compile_graph(
     rewrite_attention(rw, config, local)
     fuse_qkv_projections(rw, config, local)  # before compress_linears, which takes the rest
     compress_linears(rw, config, local)
+    compress_grouped_experts(rw, config, local)  # MoE experts reached through grouped_mm
     report_dense_weights(rw, config, local)  # what stays dense with no entry yet (fused kernels)
-    report_dense_experts(rw, local)  # MoE expert tensors are compressed by convert, not here
+    report_dense_experts(rw, local)  # and the expert tensors left dense
     new_gm = rw.finish()
     if record_graphs:
         local.graphs_before.append(readable_graph(gm))

@@ -23,14 +23,23 @@ decodes only the experts that appear in ``expert_ids`` and multiplies each one's
 ``torch.ops.rs.linear`` on that expert's slice of the codes (so a faster rs::linear kernel speeds
 experts up too); a decode step of a top-k model reads k experts' codes per layer, not all E.
 Under torch.compile the op is one node of the graph. Inductor decomposes decode-sized calls (a few
-routed rows, static size) into a gather of the selected experts' codes fused with the reduction
-(rs_compile.lowering.experts); larger calls (prefill) run the CPU kernel above as a fallback.
+routed rows, static size) into one rs::linear per row on its expert's codes, picked by
+``index_select`` (rs_compile.lowering.experts); larger calls (prefill) run the CPU kernel above as
+a fallback kernel (``rs::expert_linear_grouped``). Autograd flows to ``x`` only
+(``rs::expert_linear_backward``, also decoding only the experts present).
+
+Which modules are replaced (:func:`find_experts`, called by convert): exactly the parameters
+``gate_up_proj`` and ``down_proj`` of the shapes above, transformers' default gating
+(``act_fn(gate) * up``, concatenated gate/up), no bias, no post-expert norm, no expert
+parallelism; and, before swapping, the compressed module must give the original forward's output
+(run on the decoded weights) on random routed tokens. Anything else holding a parameter of 3 or
+more dims is listed in ``report.skipped``. rs_compile.save / load store CompressedExperts
+(``meta()``: kind "experts"; :func:`experts_specs`, :func:`load_experts`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rs_compile.codec.encode import EncodedWeight, encode
@@ -389,7 +398,8 @@ def _probe_mismatch(module: nn.Module, compressed: CompressedExperts) -> str | N
     dev = module.gate_up_proj.device
     k = min(2, e)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(PROBE_TOKENS, h, generator=gen).to(dev, module.gate_up_proj.dtype)
+    x = torch.randn(PROBE_TOKENS, h, generator=gen).to(dev)  # float32 whatever the model's dtype:
+    # the probe checks what the forward computes, not the rounding of a half-precision run
     index = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(PROBE_TOKENS)]).to(dev)
     weights = torch.rand(PROBE_TOKENS, k, generator=gen).to(dev)
     dense = compressed.dequantize()
@@ -397,7 +407,7 @@ def _probe_mismatch(module: nn.Module, compressed: CompressedExperts) -> str | N
     reference.__dict__.update(module.__dict__)
     params = {}
     for proj in PROJECTIONS:
-        w = dense[proj].to(getattr(module, proj).dtype)
+        w = dense[proj]
         if getattr(module, "is_transposed", False):
             w = w.transpose(1, 2).contiguous()
         params[proj] = nn.Parameter(w, requires_grad=False)

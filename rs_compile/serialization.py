@@ -3,9 +3,10 @@
 A folder holds two files:
 
 * ``rs_compile.safetensors``: every tensor of the model, once: the packed buffers of each
-  CompressedLinear, CompressedEmbedding and CompressedExperts (``<module>.gate_up_proj_codes``,
-  ...: rs_compile.experts.experts_specs) (``<module>.<name>`` for each name of
-  ``Format.packed_specs``, and ``<module>.bias``) and every remaining parameter and buffer
+  CompressedLinear and CompressedEmbedding (``<module>.<name>`` for each name of
+  ``Format.packed_specs``, and ``<module>.bias``), of each CompressedExperts (``<module>.
+  gate_up_proj_codes`` etc., stacked per expert: rs_compile.experts.experts_specs) and every
+  remaining parameter and buffer
   (non-persistent buffers too, so a meta-device model comes back complete); a tied output layer's
   buffers are aliases of its embedding's;
 * ``rs_compile.json``: ``{"format", "version", "modules": {name: module.meta()},
@@ -207,8 +208,8 @@ def _read_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
 
 def _compressed_module(file: Path, name: str, module: nn.Module | None, m: dict,
                        tensors: Mapping[str, torch.Tensor]) -> nn.Module:
-    """The CompressedLinear or CompressedEmbedding for ``name``, after checking the file's layer
-    and the model's."""
+    """The CompressedLinear, CompressedEmbedding or CompressedExperts for ``name``, after checking
+    the file's layer and the model's."""
     if isinstance(m, Mapping) and m.get("kind") == "experts":
         from rs_compile.experts import load_experts
 

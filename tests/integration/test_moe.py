@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import rs_compile
@@ -180,9 +179,31 @@ def test_greedy_generate_equal_compiled_and_eager(pair):
     assert torch.equal(got, expected), name
 
 
-def test_compile_pass_lists_dense_expert_tensors_as_skipped():
+def test_compile_pass_compresses_grouped_mm_experts_like_convert():
+    """The default experts implementation (grouped_mm) traces as transformers::grouped_mm_fallback on
+    the 3-D parameters: the backend encodes them per expert (the same codes as convert) and calls
+    rs::expert_linear with the rows' experts recovered from the offsets."""
     torch.manual_seed(0)
     model = _mixtral().eval()
+    assert model.config._experts_implementation == "grouped_mm"
+    reference = rs_compile.convert(copy.deepcopy(model), embeddings=False)  # the backend's scope
+    backend = RealityStoneBackend(record_graphs=True)
+    ids = _ids()
+    with torch.no_grad():
+        got = torch.compile(model, backend=backend)(ids).logits
+        torch.testing.assert_close(got, reference(ids).logits, rtol=0, atol=1e-4)
+    rows = {r.module: r for r in backend.report.linear_rewrites if r.pattern == "experts"}
+    dense = [n for n, p in model.named_parameters() if p.dim() == 3]
+    assert sorted(rows) == sorted(dense)
+    assert all(r.dense_bytes >= 6 * r.compressed_bytes for r in rows.values())
+    assert "rs.expert_linear" in backend.report.graph_after and "grouped_mm" not in backend.report.graph_after
+    assert not [s for s in backend.report.skipped if "expert" in s.reason]
+
+
+def test_compile_pass_lists_other_dense_expert_forms_as_skipped():
+    torch.manual_seed(0)
+    model = _mixtral().eval()
+    model.set_experts_implementation("batched_mm")  # W[expert_ids] then bmm: not rewritten
     backend = RealityStoneBackend()
     with torch.no_grad():
         torch.compile(model, backend=backend)(_ids())
@@ -321,3 +342,19 @@ def test_inductor_compiled_experts_match_eager(tokens):
     with torch.no_grad():
         got = torch.compile(experts, backend="inductor", fullgraph=True)(x, index, weights)
         torch.testing.assert_close(got, experts(x, index, weights), rtol=0, atol=1e-5)
+
+
+def test_bfloat16_model_experts_are_compressed():
+    torch.manual_seed(0)
+    model = _qwen3_moe().eval()
+    # embeddings=False: a compressed embedding returns float32 rows, which bf16 routers refuse
+    fp32 = rs_compile.convert(copy.deepcopy(model), embeddings=False)
+    bf16 = rs_compile.convert(model.to(torch.bfloat16), embeddings=False)
+    assert not [s for s in bf16.rs_report.skipped if "Experts" in s.reason]
+    assert sum(isinstance(m, CompressedExperts) for m in bf16.modules()) == 2
+    ids = _ids()
+    with torch.no_grad():
+        a, b = fp32(ids).logits, bf16(ids).logits
+    assert b.dtype == torch.bfloat16
+    # bf16 activations and weights (encoded from bf16-rounded values; a routing flip or two): 5.5%
+    assert ((a - b.float()).norm() / a.norm()).item() < 0.15
