@@ -17,7 +17,21 @@ from rs_compile.ops.linear import linear
 PACKED = ("codes", "groups", "row_scale")  # EncodedWeight.tensors() order
 
 
-class CompressedLinear(nn.Module):
+class _WeightDtype:
+    """Tracks the dtype the replaced layer's weight had (``weight_dtype``) through
+    ``model.to(dtype)`` / ``.half()`` / ``.bfloat16()``, which cast floating-point tensors, so that
+    the module computes and reads back in the model's dtype as the original layer would."""
+
+    def _apply(self, fn, recurse=True):
+        try:
+            self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype,
+                                               device=self.codes.device)).dtype
+        except Exception:  # noqa: BLE001  (a conversion that takes no tensor: keep the dtype)
+            pass
+        return super()._apply(fn, recurse)
+
+
+class CompressedLinear(_WeightDtype, nn.Module):
     """y = x @ W.T + b with W held only in the codec's format (buffers), executed by rs::linear.
 
     Buffers: the packed ``codes``, ``groups`` and ``row_scale`` (rs_compile.codec.format), and the
@@ -55,16 +69,6 @@ class CompressedLinear(nn.Module):
         it (``F.linear(x, layer.weight)``) gives the values ``forward`` multiplies by.
         """
         return self.dequantize().to(self.weight_dtype)
-
-    def _apply(self, fn, recurse=True):
-        # model.to(dtype) / .half() / .bfloat16() cast floating-point tensors: track what they do
-        # to one, so that ``weight`` reads back in the model's new dtype as a Linear's would.
-        try:
-            self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype,
-                                               device=self.codes.device)).dtype
-        except Exception:  # noqa: BLE001  (a conversion that takes no tensor: keep the dtype)
-            pass
-        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not torch.compiler.is_compiling() and x.device.type == "cpu"
@@ -116,7 +120,7 @@ class CompressedLinear(nn.Module):
                 + (f", act_bits={self.act_bits}" if self.act_bits else ""))
 
 
-class CompressedEmbedding(nn.Embedding):
+class CompressedEmbedding(_WeightDtype, nn.Embedding):
     """An nn.Embedding whose table is held only in the codec's format, read by rs::embedding.
 
     Built by :func:`compress_embedding`, which also covers subclasses of nn.Embedding: their
@@ -125,6 +129,7 @@ class CompressedEmbedding(nn.Embedding):
     ``weight`` is a meta tensor of the table's shape and dtype: code that only inspects it (dtype
     checks) keeps working, code that computes with it fails loudly instead of reading a stale
     dense copy; convert checks every subclass against the original before swapping it in.
+    Rows come out in ``weight_dtype``, the replaced table's dtype (decoded in float32).
     """
 
     def __init__(self) -> None:  # use compress_embedding: nn.Embedding.__init__ would allocate
@@ -132,12 +137,13 @@ class CompressedEmbedding(nn.Embedding):
 
     @property
     def weight(self) -> torch.Tensor:
-        return torch.empty((self.num_embeddings, self.embedding_dim), dtype=torch.float32,
+        return torch.empty((self.num_embeddings, self.embedding_dim), dtype=self.weight_dtype,
                            device="meta")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return embedding(ids, self.codes, self.groups, self.row_scale, self.bits, self.group_size,
+        rows = embedding(ids, self.codes, self.groups, self.row_scale, self.bits, self.group_size,
                          self.embedding_dim)
+        return rows if self.weight_dtype == torch.float32 else rows.to(self.weight_dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The dense float32 table [num_embeddings, embedding_dim] the codes represent."""
@@ -165,6 +171,7 @@ def compress_embedding(module: nn.Embedding, encoded: EncodedWeight) -> Compress
     for name, t in zip(PACKED, encoded.tensors()):
         new.register_buffer(name, t)
     new.bits, new.group_size = encoded.bits, encoded.group_size
+    new.weight_dtype = module.weight.dtype
     return new
 
 
