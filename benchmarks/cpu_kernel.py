@@ -1,6 +1,7 @@
 """GB/s of rs::linear's CPU kernel (GEMV, few rows) on Gemma-3-270M-sized layers against dense fp32.
 
     PYTHONPATH=$PWD python benchmarks/cpu_kernel.py [--bits 4 5 8] [--act-bits 0 8] [--rows 1]
+    PYTHONPATH=$PWD python benchmarks/cpu_kernel.py --in-cache [--rows 1]   # ns/weight per path
 
 For each layer shape (out x in) enough distinct copies are made that one pass over them streams
 from memory (>= --stream-mb of packed bytes; the dense copies likewise), then the copies are
@@ -51,6 +52,31 @@ def read_bandwidth(gb: float = 1.0, slice_mb: int = 64, repeats: int = 5) -> flo
     return step * 4 / best / 1e9
 
 
+def in_cache(rows: int, group_size: int, repeats: int = 300) -> None:
+    """ns per weight of one 2048x640 layer whose codes stay in cache, 1 thread, per kernel path."""
+    torch.set_num_threads(1)
+    kern = cpu_kernel.kernel()
+    n, k = 2048, 640
+    x = torch.randn(rows, k)
+    print(f"in cache, 1 thread, {n}x{k}, groups of {group_size}, {rows} row(s): ns per weight (best of "
+          f"{repeats} calls)\n")
+    print("| bits | float act. (AVX-512) | int8 act. (VNNI) | int8 act. via floats | plain C++ (float act.) |")
+    print("|---:|---:|---:|---:|---:|")
+    for bits in (2, 3, 4, 5, 8):
+        codes, groups, row_scale = random_packed(n, k, bits, group_size, 0)
+        out = torch.empty(rows, n)
+        cells = []
+        for act_bits, flags in ((0, 0), (8, 0), (8, cpu_kernel.NO_VNNI), (0, cpu_kernel.FORCE_GENERIC)):
+            best = float("inf")
+            for _ in range(repeats if flags != cpu_kernel.FORCE_GENERIC else 20):
+                t = time.perf_counter()
+                cpu_kernel._call(kern, x, codes, groups, row_scale, None, out, rows, bits, group_size, k,
+                                 act_bits, 0, flags)
+                best = min(best, time.perf_counter() - t)
+            cells.append(f"{best * 1e9 / (n * k):.3f}")
+        print(f"| {bits} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", type=int, nargs="+", default=[4, 5, 8])
@@ -61,7 +87,11 @@ def main() -> None:
     p.add_argument("--stream-mb", type=float, default=96)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    p.add_argument("--in-cache", action="store_true",
+                   help="instead: ns per weight of one layer held in cache, 1 thread, every kernel path")
     args = p.parse_args()
+    if args.in_cache:
+        return in_cache(args.rows, args.group_size)
     torch.set_num_threads(args.threads)
     st = cpu_kernel.status()
     print(f"kernel: {st}; threads {args.threads}; rows {args.rows}; groups of {args.group_size}")

@@ -142,6 +142,7 @@ def main() -> None:
                 gen(m, 1)
                 t2 = time.perf_counter()
                 samples[name].append((args.new_tokens - 1) / ((t1 - t0) - (t2 - t1)))
+            print("repeat: " + ", ".join(f"{n} {s[-1]:.1f}" for n, s in samples.items()) + " tok/s", flush=True)
     ref = tokens.get("fp32-eager")
     print(f"\nGemma-3-270M, {args.threads} threads, prompt {args.prompt}, {args.new_tokens} new tokens, "
           f"{args.repeats} interleaved repeats, torch {torch.__version__}")
