@@ -146,10 +146,11 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 class Ours:
-    def __init__(self, model: torch.nn.Module, compiled: bool, prompt: torch.Tensor, long: torch.Tensor):
+    def __init__(self, model: torch.nn.Module, compiled: bool, prompt: torch.Tensor, long: torch.Tensor,
+                 new_tokens: int):
         from rs_compile.generation import compile_for_generation
 
-        self.model, self.prompt, self.long = model, prompt, long
+        self.model, self.prompt, self.long, self.new_tokens = model, prompt, long, new_tokens
         self.bytes = model_bytes(model)
         if compiled:
             compile_for_generation(model)
@@ -168,10 +169,32 @@ class Ours:
         return time.perf_counter() - t
 
 
-def prepare_ours(names: list[str], prefill: int) -> dict[str, Ours]:
+def convert_cached(base: torch.nn.Module, bits: int, cache: Path) -> torch.nn.Module:
+    """``rs_compile.convert(copy of base, bits=bits)`` (defaults otherwise), saved with rs_compile.save
+    under ``<cache>/rs``: converting Gemma takes 5-15 min on 2 busy cores. The folder is keyed by the
+    rs_compile sources, so any change to them converts afresh."""
+    import hashlib
+
     import rs_compile
 
+    sources = sorted((REPO / "rs_compile").rglob("*.py")) + sorted((REPO / "rs_compile").rglob("*.cpp"))
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in sources)).hexdigest()[:12]
+    folder = cache / "rs" / f"gemma3-270m-{bits}bit-{key}"
+    if folder.is_dir():
+        try:
+            return rs_compile.load(copy.deepcopy(base), folder)
+        except Exception as e:  # noqa: BLE001  (a stale or partial folder: convert again)
+            print(f"{folder}: {type(e).__name__}: {e}; converting again", flush=True)
+    model = rs_compile.convert(copy.deepcopy(base), bits=bits, progress=True)
+    rs_compile.save(model, folder)
+    return model
+
+
+def prepare_ours(names: list[str], prefill: int, new_tokens: int, eager_tokens: int, cache: Path
+                 ) -> dict[str, Ours]:
+    t = time.perf_counter()
     base, tokenizer = load_gemma()
+    print(f"Gemma loaded in {time.perf_counter() - t:.0f} s", flush=True)
     if tokenizer is not None:
         prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
         ids = tokenizer(CALIBRATION.read_text(), return_tensors="pt").input_ids
@@ -187,14 +210,18 @@ def prepare_ours(names: list[str], prefill: int) -> dict[str, Ours]:
             model = base
         else:
             if kind not in converted:
-                converted[kind] = rs_compile.convert(copy.deepcopy(base), bits=int(kind[2:]))
+                converted[kind] = convert_cached(base, int(kind[2:]), cache)
+                print(f"{kind}: converted or loaded in {time.perf_counter() - t:.0f} s", flush=True)
             model = copy.deepcopy(converted[kind])
-        runners[name] = Ours(model, mode == "compiled", prompt, long)
-        runners[name].generate(64)  # warm up: compiles the prefill and decode graphs
-        runners[name].generate(1)
-        runners[name].prefill()
-        print(f"{name}: ready in {time.perf_counter() - t:.0f} s, {runners[name].bytes / 1e6:.1f} MB",
-              flush=True)
+        n = eager_tokens if name.startswith("rs") and mode == "eager" else new_tokens
+        runners[name] = r = Ours(model, mode == "compiled", prompt, long, n)
+        t1 = time.perf_counter()
+        r.generate(n)  # warm up: compiles the prefill and decode graphs
+        r.generate(1)
+        t2 = time.perf_counter()
+        r.prefill()
+        print(f"{name}: ready in {time.perf_counter() - t:.0f} s (warm-up generate {t2 - t1:.0f} s, "
+              f"prefill {time.perf_counter() - t2:.0f} s), {r.bytes / 1e6:.1f} MB", flush=True)
     return runners
 
 
@@ -216,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--theirs", nargs="*", choices=THEIRS, default=list(THEIRS))
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (ours, theirs) x rounds")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--eager-tokens", type=int, default=8,
+                   help="new tokens for the converted models' eager decode (slow: ~seconds per token)")
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--json", type=Path, help="also write every sample here")
     args = p.parse_args(argv)
@@ -236,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     read_gb_s = read_bandwidth_gb_s()
     print(f"read bandwidth (torch sum over 512 MB, {args.threads} threads): {read_gb_s:.1f} GB/s", flush=True)
     with torch.inference_mode():
-        runners = prepare_ours(args.ours, args.prefill)
+        runners = prepare_ours(args.ours, args.prefill, args.new_tokens, args.eager_tokens, cache)
     theirs = [ggufs[n] for n in args.theirs]
     decode = {n: [] for n in [*args.ours, *args.theirs]}
     prefill = {n: [] for n in decode}
@@ -249,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             for name, r in runners.items():  # ours: two decode samples and two prefills per round
                 for _ in range(2):
-                    decode[name].append((n - 1) / (r.generate(n) - r.generate(1)))
+                    decode[name].append((r.new_tokens - 1) / (r.generate(r.new_tokens) - r.generate(1)))
                     prefill[name].append(args.prefill / r.prefill())
         time.sleep(1)  # let OpenMP's spinning threads go idle before llama.cpp starts its own
         if theirs:
@@ -263,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
 
     med = {k: statistics.median(v) if v else float("nan") for k, v in decode.items()}
     pmed = {k: statistics.median(v) if v else float("nan") for k, v in prefill.items()}
-    print(f"\nGemma-3-270M, batch 1, {args.threads} threads, decode {n} tokens, prefill {args.prefill}, "
+    print(f"\nGemma-3-270M, batch 1, {args.threads} threads, decode {n} tokens (converted eager: "
+          f"{args.eager_tokens}), prefill {args.prefill}, "
           f"median of {args.rounds} interleaved rounds; torch {torch.__version__}; load average "
           f"{min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} cores; read bandwidth {read_gb_s:.1f} GB/s")
     if max(loads) > os.cpu_count():
