@@ -38,9 +38,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CALIBRATION = REPO / "rs_compile" / "eval" / "data" / "calibration.txt"
 TARGETS = ("llama-quantize", "llama-imatrix", "llama-bench", "llama-perplexity", "llama-cli")
+NEEDED = TARGETS[:3]  # what this script runs; the others are built for the fidelity harness
 CMAKE_FLAGS = ("-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF")
 QUANTS = {"q8_0": "Q8_0", "q4_0": "Q4_0", "iq4_xs": "IQ4_XS"}  # file stem -> llama-quantize type
-OURS = ("rs4-compiled", "rs4-eager", "rs8-compiled", "rs8-eager", "fp32-eager")
+OURS = ("rs4-compiled", "rs4-eager", "fp32-eager", "rs8-compiled", "rs8-eager")
 THEIRS = ("q4_0", "iq4_xs", "q8_0", "f32")
 PROMPT = "The first lighthouse on the northern cape was"
 
@@ -56,7 +57,7 @@ def sh(cmd: list, **kwargs) -> subprocess.CompletedProcess:
 def build(cache: Path, threads: int, skip: bool) -> Path:
     bin_dir = cache / "build" / "bin"
     missing = [t for t in TARGETS if not (bin_dir / t).exists()]
-    if not missing:
+    if not missing or skip and all((bin_dir / t).exists() for t in NEEDED):
         return bin_dir
     if skip:
         sys.exit(f"--skip-build but {', '.join(missing)} missing from {bin_dir}")
@@ -87,7 +88,8 @@ def make_ggufs(bin_dir: Path, cache: Path, threads: int) -> dict[str, Path]:
         if paths[name].exists():
             return
         tmp = out / f"{name}.tmp.gguf"  # renamed when complete: readers never see a partial file
-        sh([bin_dir / "llama-quantize", *flags, src, tmp, qtype, threads], stdout=subprocess.DEVNULL)
+        with open(out / f"{name}.log", "w") as log:
+            sh([bin_dir / "llama-quantize", *flags, src, tmp, qtype, threads], stdout=log, stderr=log)
         os.replace(tmp, paths[name])
 
     quantize(Path(assemble()), "f32", "F32", "--allow-requantize")
@@ -96,8 +98,9 @@ def make_ggufs(bin_dir: Path, cache: Path, threads: int) -> dict[str, Path]:
     imatrix = out / "imatrix.gguf"
     if not imatrix.exists():  # ~1400 tokens of calibration text: 256-token chunks use all of it
         tmp = out / "imatrix.tmp.gguf"
-        sh([bin_dir / "llama-imatrix", "-m", paths["f32"], "-f", CALIBRATION, "-o", tmp, "-c", 256,
-            "-t", threads], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(out / "imatrix.log", "w") as log:
+            sh([bin_dir / "llama-imatrix", "-m", paths["f32"], "-f", CALIBRATION, "-o", tmp, "-c", 256,
+                "-t", threads], stdout=log, stderr=log)
         os.replace(tmp, imatrix)
     quantize(paths["f32"], "iq4_xs-imatrix", "IQ4_XS", "--imatrix", imatrix)
     return paths
