@@ -109,10 +109,19 @@ def make_ggufs(bin_dir: Path, cache: Path, threads: int) -> dict[str, Path]:
 # ---------------------------------------------------------------- theirs
 
 def llama_bench(bin_dir: Path, ggufs: list[Path], threads: int, test: list) -> list[dict]:
-    models = [a for g in ggufs for a in ("-m", g)]
-    proc = sh([bin_dir / "llama-bench", *models, *test, "-t", threads, "-o", "json"],
-              capture_output=True, text=True)
-    return json.loads(proc.stdout)
+    """llama-bench's JSON rows, one per GGUF; a GGUF whose run fails (e.g. SIGILL: llama.cpp's
+    -march=native build uses AMX tiles for prompt batches, which this VM does not grant) is
+    reported and left out rather than losing the whole run."""
+    rows = []
+    for gguf in ggufs:
+        cmd = [str(c) for c in (bin_dir / "llama-bench", "-m", gguf, *test, "-t", threads, "-o", "json")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            tail = (proc.stderr.strip().splitlines() or [""])[-1]
+            print(f"FAILED ({proc.returncode}): {' '.join(cmd)}: {tail}", flush=True)
+            continue
+        rows += json.loads(proc.stdout)
+    return rows
 
 
 # ---------------------------------------------------------------- ours
