@@ -34,17 +34,12 @@ from pathlib import Path
 
 import torch
 
+from rs_compile.bench import load_note
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("fp32-eager", "rs4-eager", "rs4-compiled", "rs4a8-eager", "rs4a8-compiled", "rs8-eager",
            "rs8-compiled")
 PROMPT = "The first lighthouse on the northern cape was"
-
-
-def load_note() -> str:
-    """The 1-minute load average, with a warning when it exceeds the core count."""
-    load, cores = os.getloadavg()[0], os.cpu_count()
-    warn = f"  WARNING: above the {cores} cores, figures are unreliable" if load > cores else ""
-    return f"load average {load:.2f}{warn}"
 
 
 def load_gemma() -> tuple[torch.nn.Module, object]:
