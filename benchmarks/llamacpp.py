@@ -119,6 +119,9 @@ def llama_bench(bin_dir: Path, ggufs: list[Path], threads: int, test: list) -> l
     -march=native build uses AMX tiles for prompt batches, which this VM does not grant) is
     reported and left out rather than losing the whole run."""
     rows = []
+    if not (bin_dir / "llama-bench").exists():  # e.g. a --prefill-bin build still running
+        print(f"FAILED: no llama-bench in {bin_dir}", flush=True)
+        return rows
     for gguf in ggufs:
         cmd = [str(c) for c in (bin_dir / "llama-bench", "-m", gguf, *test, "-t", threads, "-o", "json")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
