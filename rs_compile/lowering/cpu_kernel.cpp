@@ -11,10 +11,18 @@
 //     k-scaled table), FMA with float activations; int8 activations (act_bits=8) with
 //     AVX512-VNNI + VBMI: levels looked up as bytes (vpermb / vpermt2b over all four curvature
 //     tables at once), vpdpbusd against the int8 activations, exact int32 sums per 64 code bytes.
+//     Float activations (act_bits=0) with 4- and 5-bit codes take the same integer path on such
+//     CPUs (fewer instructions per weight than the float lookups; measured in docs/benchmarks.md,
+//     kernel section): each group of x is split into three int8 digits,
+//     x = s (d0 + d1/254 + d2/254^2) with s = max|x|/127 (digits_group), one vpdpbusd pass per
+//     digit. Each entry then carries at most ~2^-24 max|x| of its group of absolute error (what
+//     float32 makes of the group's largest entry), on top of the float32 summation error; a NaN
+//     or inf in x sends the call to the float path, which propagates it.
 //   * everything else (2/3 bits, other group sizes, CPUs without AVX-512): plain C++, one group
 //     decoded into a float buffer then multiplied (the compiler vectorises what it can).
 // Every level times its step, k * LEVELS, is an integer below 2**14 (exact in float32), so all
-// paths decode bit-identically and differ from decode + F.linear only in the order of float sums.
+// paths decode bit-identically and differ from decode + F.linear only in the order of float sums
+// (and, for the digit path above, by the digits' bound).
 //
 // Accumulation bounds (int8 path): one int32 lane sums 4 bytes from each of the two 64-byte code
 // vectors of a chunk: 8 products |(level + 128) * x8| <= 255 * 127, i.e. below 2**18, then the
@@ -239,26 +247,35 @@ RS_AVX512 void gemv_rows_avx512(const Layer& L, const Aux5* aux, const float* xp
   Dec dec;
   if constexpr (std::is_same_v<Dec, Dec5>) dec.aux = aux;
   for (int64_t n = n0; n < n1; ++n) {
-    __m512 acc[MB][2];
-    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    // four accumulators per row (lo / hi codes of even / odd groups): with one FMA per 16 codes,
+    // two chains would wait on the FMA latency in groups of 32
+    __m512 acc[MB][4];
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
     const uint8_t* row = L.codes + n * L.row_bytes;
     const uint8_t* grow = L.groups + n * L.ng;
-    for (int64_t g = 0; g < L.ng; ++g) {
+    auto one_group = [&](int64_t g, __m512 (&a)[MB][4], int o) RS_AVX512 {
       dec.group(L, row + g * gbytes, grow[g]);
       const float* xg = xp + m0 * Kp + g * G;
       for (int64_t s = 0; s < S; ++s) {
         __m512 lo, hi;
         dec.get(L, s, lo, hi);
         for (int m = 0; m < MB; ++m) {
-          acc[m][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xg + m * Kp + 16 * s), acc[m][0]);
-          acc[m][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xg + m * Kp + G / 2 + 16 * s), acc[m][1]);
+          a[m][o] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xg + m * Kp + 16 * s), a[m][o]);
+          a[m][o + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xg + m * Kp + G / 2 + 16 * s), a[m][o + 1]);
         }
       }
+    };
+    int64_t g = 0;
+    for (; g + 1 < L.ng; g += 2) {
+      one_group(g, acc, 0);
+      one_group(g + 1, acc, 2);
     }
+    if (g < L.ng) one_group(g, acc, 0);
     const float rs = bf16_to_float(L.row_scale[n]);
     const float b = L.bias ? L.bias[n] : 0.0f;
     for (int m = 0; m < MB; ++m)
-      y[(m0 + m) * L.N + n] = rs * _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + b;
+      y[(m0 + m) * L.N + n] = rs * _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                                      _mm512_add_ps(acc[m][2], acc[m][3]))) + b;
   }
 }
 
@@ -303,13 +320,15 @@ RS_AVX512 void decode_rows_avx512(const Layer& L, const Aux5* aux, float* out, i
 
 struct XPrep {
   int64_t U = 0;                    // units per row
-  std::vector<int8_t> xa, xb;       // [M][U][64]: activations matching the lo / hi code bytes
+  int D = 1;                        // int8 digits per activation (1: act_bits=8; kDigits: float)
+  std::vector<int8_t> xa, xb;       // [M][U][D][64]: activations matching the lo / hi code bytes
   std::vector<float> f, c;          // [M][U][16]: sx and the bias correction per lane
   std::vector<uint8_t> nanrow;      // [M]: a NaN or inf in the row (result row NaN)
 };
 
-// x8 rounding of one group (activations.py); returns false for a NaN or inf in the group
-bool round_group(const float* x, int64_t len, int8_t* q, float* sx, int32_t* S) {
+// x8 rounding of one group (activations.py) into q[0..len); *S = sum of q. Returns false for a
+// NaN or inf in the group.
+bool round_group(const float* x, int64_t len, int8_t* q, int64_t, float* sx, double* S) {
   float amax = 0.0f;
   for (int64_t j = 0; j < len; ++j) {
     const float a = std::fabs(x[j]);
@@ -329,46 +348,84 @@ bool round_group(const float* x, int64_t len, int8_t* q, float* sx, int32_t* S) 
   return true;
 }
 
-void prep_x8(const float* x, int64_t M, int64_t K, int64_t G, int64_t ng, int64_t bits, XPrep& P) {
+// Float activations as kDigits int8 digits per group: x = s (d0 + d1 / R + d2 / R^2), R = 254,
+// s = max|x| / 127, each digit the rounded remainder of the previous ones (|d| <= 127), so that
+// |x - s (d0 + d1 / R + d2 / R^2)| <= s / (2 R^2) + float rounding, below 1.2e-7 max|x| of the
+// group: below float32's own rounding of the products for all but the group's tiny entries.
+// Digit i of code j goes to q[i * stride + j]; *S = the sum of every x / s so represented.
+constexpr int kDigits = 3;
+constexpr double kRadix = 254.0;
+bool digits_group(const float* x, int64_t len, int8_t* q, int64_t stride, float* sx, double* S) {
+  double amax = 0.0;
+  for (int64_t j = 0; j < len; ++j) {
+    const float a = std::fabs(x[j]);
+    if (!(a <= 3.4028235e38f)) return false;
+    amax = std::max(amax, static_cast<double>(a));
+  }
+  const double s = amax > 0.0 ? amax / 127.0 : 1.0;
+  double sum = 0.0;
+  for (int64_t j = 0; j < len; ++j) {
+    double r = x[j] / s, w = 1.0, v = 0.0;
+    for (int i = 0; i < kDigits; ++i) {
+      const double d = std::min(127.0, std::max(-127.0, std::nearbyint(r)));
+      q[i * stride + j] = static_cast<int8_t>(d);
+      v += d * w;
+      r = (r - d) * kRadix;
+      w /= kRadix;
+    }
+    sum += v;
+  }
+  *sx = static_cast<float>(s);
+  *S = sum;
+  return true;
+}
+
+template <class Round>
+void prep_x(const float* x, int64_t M, int64_t K, int64_t G, int64_t ng, int64_t bits, int D,
+            Round round, XPrep& P) {
   const int64_t unit_bytes = bits == 8 ? ng * G : ng * G / 2;  // code bytes (4/5 bits: nibbles)
   P.U = (unit_bytes + 63) / 64;
-  const int64_t U = P.U;
-  P.xa.assign(M * U * 64, 0);
-  P.xb.assign(bits != 8 ? M * U * 64 : 0, 0);
+  P.D = D;
+  const int64_t U = P.U, Kp = ng * G;
+  P.xa.assign(M * U * D * 64, 0);
+  P.xb.assign(bits != 8 ? M * U * D * 64 : 0, 0);
   P.f.assign(M * U * 16, 0.0f);
   P.c.assign(M * U * 16, 0.0f);
   P.nanrow.assign(M, 0);
-  std::vector<int8_t> q(ng * G);
+  std::vector<int8_t> q(D * Kp);  // [D][Kp]
   std::vector<float> sx(ng);
-  std::vector<int32_t> S(ng);
+  std::vector<double> S(ng);
   const int64_t lanes_per_group = bits != 8 ? G / 8 : G / 4;
   for (int64_t m = 0; m < M; ++m) {
     std::fill(q.begin(), q.end(), int8_t{0});
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t len = std::min(G, K - g * G);
-      if (!round_group(x + m * K + g * G, len, q.data() + g * G, &sx[g], &S[g])) P.nanrow[m] = 1;
+      if (!round(x + m * K + g * G, len, q.data() + g * G, Kp, &sx[g], &S[g])) P.nanrow[m] = 1;
     }
-    int8_t* xa = P.xa.data() + m * U * 64;
     float* f = P.f.data() + m * U * 16;
     float* c = P.c.data() + m * U * 16;
-    if (bits != 8) {
-      int8_t* xb = P.xb.data() + m * U * 64;
-      const int64_t per_group = G / 32;  // 16-byte sub-blocks per group
-      for (int64_t gs = 0; gs < ng * per_group; ++gs) {
-        const int64_t g = gs / per_group, sblk = gs % per_group;
-        std::memcpy(xa + 16 * gs, q.data() + g * G + 16 * sblk, 16);
-        std::memcpy(xb + 16 * gs, q.data() + g * G + G / 2 + 16 * sblk, 16);
-        for (int i = 0; i < 4; ++i) {  // lanes 4 gs .. 4 gs + 3
-          f[4 * gs + i] = sx[g];
-          c[4 * gs + i] = 128.0f * sx[g] * static_cast<float>(S[g]) / static_cast<float>(lanes_per_group);
+    auto lane = [&](int64_t l, int64_t g) {
+      f[l] = sx[g];
+      c[l] = static_cast<float>(128.0 * sx[g] * S[g] / static_cast<double>(lanes_per_group));
+    };
+    for (int d = 0; d < D; ++d) {
+      const int8_t* qd = q.data() + d * Kp;
+      int8_t* xa = P.xa.data() + m * U * D * 64 + d * 64;  // unit u's block: + u * D * 64
+      if (bits != 8) {
+        int8_t* xb = P.xb.data() + m * U * D * 64 + d * 64;
+        const int64_t per_group = G / 32;  // 16-byte sub-blocks per group
+        for (int64_t gs = 0; gs < ng * per_group; ++gs) {
+          const int64_t g = gs / per_group, sblk = gs % per_group, u = gs / 4, o = u * D * 64 + 16 * (gs % 4);
+          std::memcpy(xa + o, qd + g * G + 16 * sblk, 16);
+          std::memcpy(xb + o, qd + g * G + G / 2 + 16 * sblk, 16);
+          if (d == 0)
+            for (int i = 0; i < 4; ++i) lane(4 * gs + i, g);  // lanes 4 gs .. 4 gs + 3
         }
-      }
-    } else {
-      std::memcpy(xa, q.data(), ng * G);
-      for (int64_t lane = 0; lane < ng * G / 4; ++lane) {
-        const int64_t g = 4 * lane / G;
-        f[lane] = sx[g];
-        c[lane] = 128.0f * sx[g] * static_cast<float>(S[g]) / static_cast<float>(lanes_per_group);
+      } else {
+        for (int64_t u = 0; u < U; ++u)
+          std::memcpy(xa + u * D * 64, qd + 64 * u, std::min<int64_t>(64, Kp - 64 * u));
+        if (d == 0)
+          for (int64_t l = 0; l < ng * G / 4; ++l) lane(l, 4 * l / G);
       }
     }
   }
@@ -396,13 +453,14 @@ struct Aux5v {
   }
 };
 
-template <int BITS, int MB>
+template <int BITS, int MB, int D>
 RS_VNNI void gemv_rows_vnni(const Layer& L, const XPrep& P, const int8_t* levels, float* y,
                             int64_t n0, int64_t n1, int64_t m0) {
   const int64_t G = L.G, U = P.U, row_bytes = L.row_bytes;
   // lane / byte -> group offset within a unit (G a power of two >= 32)
   alignas(64) uint8_t rep64[64], rep16[16];
   const int64_t bytes_per_group = BITS == 8 ? G : G / 2;
+  const int gshift = __builtin_ctzll(static_cast<unsigned long long>(bytes_per_group));  // G: a power of 2
   for (int b = 0; b < 64; ++b) rep64[b] = static_cast<uint8_t>(b / bytes_per_group);
   for (int i = 0; i < 16; ++i) rep16[i] = static_cast<uint8_t>(4 * i / bytes_per_group);
   const __m512i vrep64 = _mm512_load_si512(rep64);
@@ -444,7 +502,7 @@ RS_VNNI void gemv_rows_vnni(const Layer& L, const XPrep& P, const int8_t* levels
                       : _mm512_maskz_loadu_epi8((__mmask64(1) << rem) - 1, row + 64 * u);
         pd = v;
       }
-      const int64_t gbase = 64 * u / bytes_per_group;
+      const int64_t gbase = (64 * u) >> gshift;  // a shift: an idiv per unit cost 10-25%
       const int64_t grem = L.ng - gbase;
       const __m128i gb = _mm_maskz_loadu_epi8(grem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << grem) - 1),
                                               grow + gbase);
@@ -475,9 +533,17 @@ RS_VNNI void gemv_rows_vnni(const Layer& L, const XPrep& P, const int8_t* levels
       }
       for (int m = 0; m < MB; ++m) {
         const int64_t o = (m0 + m) * U + u;
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wa, _mm512_loadu_si512(P.xa.data() + 64 * o));
-        if (BITS != 8) d = _mm512_dpbusd_epi32(d, wb, _mm512_loadu_si512(P.xb.data() + 64 * o));
-        const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(P.f.data() + 16 * o),
+        __m512 dot[D];  // per digit; exact int32 sums converted exactly (below 2**18)
+        for (int i = 0; i < D; ++i) {
+          const int64_t od = (o * D + i) * 64;
+          __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wa, _mm512_loadu_si512(P.xa.data() + od));
+          if (BITS != 8) d = _mm512_dpbusd_epi32(d, wb, _mm512_loadu_si512(P.xb.data() + od));
+          dot[i] = _mm512_cvtepi32_ps(d);
+        }
+        __m512 v = dot[D - 1];  // Horner: dot0 + (dot1 + dot2 / R) / R
+        for (int i = D - 2; i >= 0; --i)
+          v = _mm512_fmadd_ps(v, _mm512_set1_ps(static_cast<float>(1.0 / kRadix)), dot[i]);
+        const __m512 t = _mm512_fmsub_ps(v, _mm512_loadu_ps(P.f.data() + 16 * o),
                                          _mm512_loadu_ps(P.c.data() + 16 * o));
         acc[m] = _mm512_fmadd_ps(kf, t, acc[m]);
       }
@@ -531,18 +597,21 @@ void quantize_row(const float* x, int64_t K, int64_t G, int64_t Kp, float* xq) {
   }
 }
 
-enum Path { kGeneric = 0, kAvx512 = 1, kVnni = 2 };
+enum Path { kGeneric = 0, kAvx512 = 1, kVnni = 2, kVnniFloat = 3 };  // kVnniFloat: float x as int8 digits
 
 int pick_path(const Layer& L, int64_t act_bits, int64_t flags) {
   if (flags & 1) return kGeneric;
   if (L.G % 32 != 0 || !has_avx512()) return kGeneric;
   const bool pow2 = (L.G & (L.G - 1)) == 0;
-  if (act_bits == 8 && !(flags & 2) && has_vnni() && pow2 &&
+  if (!(flags & 2) && has_vnni() && pow2 &&
       (L.bits == 4 || L.bits == 8 || (L.bits == 5 && L.G <= 128))) {
     bool q128 = true;  // 8 bits: the one table must be q - 128 (then the code byte is L + 128)
     if (L.bits == 8)
       for (int q = 0; q < 256; ++q) q128 = q128 && L.levels[q] == float(q - 128);
-    if (q128) return kVnni;
+    // float x as digits pays off where the float path looks levels up per 16 codes (4, 5 bits);
+    // 8-bit codes need no lookup and measured the same either way: they keep exact floats
+    if (q128 && act_bits == 8) return kVnni;
+    if (act_bits == 0 && L.bits != 8) return kVnniFloat;
   }
   if (L.bits == 4) return kAvx512;
   if (L.bits == 5 && L.G <= 512) return kAvx512;
@@ -559,7 +628,7 @@ int pick_path(const Layer& L, int64_t act_bits, int64_t flags) {
 // mode 0: y[M, N] = x[M, K] @ decode(W)^T (+ bias); mode 1: out[N, K] = decode(W) (x, M ignored);
 // mode 2: return the feature bits (1 AVX-512, 2 VNNI+VBMI) without touching any pointer.
 // flags bit 0: force the generic path (tests); bit 1: no VNNI path (act_bits=8 then rounds the
-// activations to floats and runs the float path).
+// activations to floats and runs the float path; act_bits=0 runs the float path on x as is).
 int64_t kernel(const float* x, const uint8_t* codes, const uint8_t* groups, const uint16_t* row_scale,
                const float* bias, const int8_t* levels, float* out, int64_t M, int64_t N, int64_t K,
                int64_t bits, int64_t G, int64_t ng, int64_t act_bits, int64_t has_bias,
@@ -577,12 +646,12 @@ int64_t kernel(const float* x, const uint8_t* codes, const uint8_t* groups, cons
   for (size_t i = 0; i < lv.size(); ++i) lv[i] = static_cast<float>(levels[i]);
   Layer L{codes, groups, row_scale, has_bias ? bias : nullptr, N, K, G, ng, bits,
           ng * G * bits / 8, lv.data(), ntables};
-  const int path = pick_path(L, act_bits, flags);
   Aux5 aux;
-  if (path != kGeneric && bits == 5) aux.init(G);
+  if (bits == 5) aux.init(G);
   const int nt = num_threads(nthreads);
 
   if (mode == 1) {
+    const int path = pick_path(L, 0, flags | 2);
     const int64_t chunk = std::max<int64_t>(16, N / (8 * nt) + 1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t c0 = 0; c0 < N; c0 += chunk) {
@@ -596,27 +665,39 @@ int64_t kernel(const float* x, const uint8_t* codes, const uint8_t* groups, cons
   }
   if (mode != 0) return -5;
 
-  if (path == kVnni) {
+  int path = pick_path(L, act_bits, flags);
+  if (path == kVnni || path == kVnniFloat) {
     XPrep P;
-    prep_x8(x, M, K, G, ng, bits, P);
-    const int64_t chunk = std::max<int64_t>(8, N / (16 * nt) + 1);
+    if (path == kVnni) prep_x(x, M, K, G, ng, bits, 1, round_group, P);
+    else prep_x(x, M, K, G, ng, bits, kDigits, digits_group, P);
+    // float activations with a NaN or inf: the float path (it propagates them as F.linear does)
+    const bool fallback = path == kVnniFloat &&
+                          std::any_of(P.nanrow.begin(), P.nanrow.end(), [](uint8_t v) { return v != 0; });
+    if (!fallback) {
+      const int64_t chunk = std::max<int64_t>(8, N / (16 * nt) + 1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t c0 = 0; c0 < N; c0 += chunk) {
-      const int64_t c1 = std::min(N, c0 + chunk);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t mb = std::min<int64_t>(4, M - m0);
-#define RS_CALL(B)                                                                  \
-  switch (mb) {                                                                    \
-    case 1: gemv_rows_vnni<B, 1>(L, P, levels, out, c0, c1, m0); break;            \
-    case 2: gemv_rows_vnni<B, 2>(L, P, levels, out, c0, c1, m0); break;            \
-    case 3: gemv_rows_vnni<B, 3>(L, P, levels, out, c0, c1, m0); break;            \
-    default: gemv_rows_vnni<B, 4>(L, P, levels, out, c0, c1, m0); break;           \
+      for (int64_t c0 = 0; c0 < N; c0 += chunk) {
+        const int64_t c1 = std::min(N, c0 + chunk);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+          const int64_t mb = std::min<int64_t>(4, M - m0);
+#define RS_CALL(B, D)                                                                  \
+  switch (mb) {                                                                       \
+    case 1: gemv_rows_vnni<B, 1, D>(L, P, levels, out, c0, c1, m0); break;            \
+    case 2: gemv_rows_vnni<B, 2, D>(L, P, levels, out, c0, c1, m0); break;            \
+    case 3: gemv_rows_vnni<B, 3, D>(L, P, levels, out, c0, c1, m0); break;            \
+    default: gemv_rows_vnni<B, 4, D>(L, P, levels, out, c0, c1, m0); break;           \
   }
-        if (bits == 4) { RS_CALL(4) } else if (bits == 5) { RS_CALL(5) } else { RS_CALL(8) }
+          if (path == kVnni) {
+            if (bits == 4) { RS_CALL(4, 1) } else if (bits == 5) { RS_CALL(5, 1) } else { RS_CALL(8, 1) }
+          } else {
+            if (bits == 4) { RS_CALL(4, kDigits) } else if (bits == 5) { RS_CALL(5, kDigits) } else { RS_CALL(8, kDigits) }
+          }
 #undef RS_CALL
+        }
       }
+      return 0;
     }
-    return 0;
+    path = kAvx512;  // the VNNI conditions imply the float path's
   }
 
   // activations: padded to whole groups (the padding codes then meet zeros), int8-rounded for

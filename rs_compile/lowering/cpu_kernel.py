@@ -41,7 +41,8 @@ MAX_GROUP_SIZE = 1024  # the kernel's limit (its stack tail buffer); larger grou
 _ARGTYPES = ["const float*", "const uint8_t*", "const uint8_t*", "const uint16_t*", "const float*",
              "const int8_t*", "float*"] + ["int64_t"] * 11
 FORCE_GENERIC = 1  # kernel flag: run the plain C++ path even where AVX-512 is available
-NO_VNNI = 2  # kernel flag: act_bits=8 through the float path even where VNNI is available
+NO_VNNI = 2  # kernel flag: the float path even where VNNI is available (act_bits=0: x as is;
+# act_bits=8: x rounded to floats); by default VNNI CPUs run both through int8 dot products
 
 _lock = threading.Lock()
 _state: dict = {"kernel": None, "reason": None, "tried": False, "features": 0}

@@ -43,3 +43,24 @@ def test_torchao_configs_quantize_every_linear_gpt2_conv1d_included():
     with torch.no_grad():
         got = quantized(x).logits
     assert float((got - expected).norm() / expected.norm()) < 0.05
+
+
+def test_implausible_flags_contradicting_figures_only():
+    from rs_compile.bench import implausible
+
+    # 64 tokens in 1.0 s, 1 token in 0.1 s: 63 / 0.9 = 70 tok/s decode, 64 e2e; 20 ms CPU per token
+    assert implausible(1.0, 0.1, 64, 0.020, 2) == ""
+    assert "decode time <= 0" in implausible(0.1, 0.1, 64, 0.0, 2)
+    # the first token (prefill included) faster than an average decode step
+    assert "IMPLAUSIBLE" in implausible(1.0, 0.001, 64, 0.010, 2)
+    # 40 ms of CPU per token with 2 threads in 14 ms of wall time
+    assert "CPU per token" in implausible(1.0, 0.1, 64, 0.040, 2)
+
+
+def test_bench_prints_the_load_average(capsys):
+    from rs_compile.bench import main
+
+    assert main(["--model", "gpt2-tiny", "--configs", "eager", "--prompt", "4", "--new-tokens", "2",
+                 "--prefill", "0", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "load average" in out and f"on {__import__('os').cpu_count()} cores" in out
