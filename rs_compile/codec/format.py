@@ -193,9 +193,16 @@ def decode_weight(
     codes: torch.Tensor, groups: torch.Tensor, row_scale: torch.Tensor, bits: int, group_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    """Dense float32 weight ``[N, in_features]`` that the packed tensors represent."""
+    """Dense float32 weight ``[N, in_features]`` that the packed tensors represent.
+
+    A partial last group is cut apart from the whole groups: slicing the padded rows back to
+    ``in_features`` is miscompiled by Inductor (torch 2.13 CPU, 8-bit codes: the last group's
+    columns are never written), and the Inductor lowering traces this function."""
     w = decode_groups(codes, groups, row_scale, bits, group_size)
-    return w.reshape(w.shape[0], -1)[:, :in_features]
+    full = in_features // group_size
+    if full * group_size == in_features:
+        return w.reshape(w.shape[0], -1)
+    return torch.cat([w[:, :full].flatten(1), w[:, full, : in_features - full * group_size]], dim=1)
 
 
 def check_format(bits: int, group_size: int) -> None:
