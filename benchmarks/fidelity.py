@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import rs_compile
-from rs_compile.config import CompressionConfig
+from rs_compile.config import EncodingConfig
 from rs_compile.demo import quantizer
 from rs_compile.eval.harness import (
     Quantizer,
@@ -42,7 +42,7 @@ Check = tuple[str, str, "bool | None"]  # (criterion, measured figure, met; None
 
 
 def ours(bits: int = 4) -> Quantizer:
-    return quantizer(CompressionConfig(bits=bits))
+    return quantizer(EncodingConfig(bits=bits))
 
 
 def codecs() -> dict[str, Quantizer]:

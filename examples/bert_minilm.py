@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     args = parser.parse_args()
     model, tokenizer = load_model("minilm")
-    config = rs_compile.CompressionConfig(bits=args.bits)
+    config = rs_compile.EncodingConfig(bits=args.bits)
 
     baselines = harness.baseline_quantizers()
     results = harness.evaluate_encoder(

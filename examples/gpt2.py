@@ -33,7 +33,7 @@ def main() -> None:
     else:
         print(f"hub unreachable: using a random tiny GPT-2 instead of {HUB_MODEL}")
         model = configs.gpt2("tiny")
-    config = rs_compile.CompressionConfig(bits=args.bits)
+    config = rs_compile.EncodingConfig(bits=args.bits)
 
     results = harness.evaluate_causal_lm(
         model, {f"rs_compile {config.bits}-bit": quantizer(config), "nf4": harness.baseline_quantizers()["nf4"]},

@@ -29,7 +29,7 @@ def main() -> None:
         parser.error("../shared/models/stories260K.bin not found; pass --path")
     model = load_llama2c(args.path)
     # The model is 64 wide: groups of 32 keep two groups per row.
-    config = rs_compile.CompressionConfig(bits=args.bits, group_size=32)
+    config = rs_compile.EncodingConfig(bits=args.bits, group_size=32)
 
     # A 260K-parameter model is fragile: 8 bits shows what the codec keeps when it is not starved.
     codecs = {f"rs_compile {b}-bit g32": quantizer(dataclasses.replace(config, bits=b))

@@ -1,21 +1,24 @@
-"""rs_compile: a torch.compile backend that runs Linear layers and attention from
-hyperbolic (Poincare-ball) weight codes.
+"""rs_compile: a torch.compile backend that runs Linear layers, embeddings and attention from
+low-bit weight codes on level grids shaped by the Poincare ball's log map (rs_compile.codec.format).
 
     torch.compile(model, backend="realitystone")     # compress at compile time
     rs_compile.convert(model)                        # compress once, in place
     rs_compile.inspect(model, *inputs)               # what was rewritten, what was not, and why
+    rs_compile.compile_for_generation(model)         # static-cache, compiled HF generate
+
+Options are the fields of ``EncodingConfig`` (the stored bytes) and ``CompileConfig`` (how the
+model runs), given as keywords to any of the above.
 
 Importing rs_compile changes nothing in torch: the Inductor lowerings of the rs ops are installed
 on first use (rs_compile.lowering.install_lowerings), and the submodules that pull in Inductor,
-transformers or the models (``hub``, ``generation``, ``demo``, ...) load on first attribute access.
+transformers or the models (``hub``, ``models``, ``demo``, ...) load on first attribute access.
 """
 
-import importlib
-from typing import Any
-
+from rs_compile._lazy import lazy_submodules
 from rs_compile.backend import backend, realitystone
-from rs_compile.config import CompressionConfig
+from rs_compile.config import CompileConfig, EncodingConfig
 from rs_compile.convert import convert
+from rs_compile.generation import compile_for_generation
 from rs_compile.inspection import inspect
 from rs_compile.kernels import register_triton_kernels
 from rs_compile.modules import CompressedLinear
@@ -25,18 +28,9 @@ from rs_compile.serialization import load, save
 register_triton_kernels()  # CUDA implementations, only when a Triton GPU driver is active
 
 __version__ = "0.1.0"
-__all__ = ["CompressionConfig", "CompressedLinear", "Report", "backend", "convert", "inspect",
-           "load", "realitystone", "save"]
-_SUBMODULES = ("bench", "calibration", "cli", "codec", "demo", "eval", "generation", "hub",
-               "hyperbolic", "kernels", "lowering", "models", "ops", "passes")
-
-
-def __getattr__(name: str) -> Any:
-    """``rs_compile.hub``, ``rs_compile.generation``, ...: imported on first access."""
-    if name in _SUBMODULES:
-        return importlib.import_module(f"rs_compile.{name}")
-    raise AttributeError(f"module 'rs_compile' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_SUBMODULES})
+__all__ = ["CompileConfig", "CompressedLinear", "EncodingConfig", "Report", "backend",
+           "compile_for_generation", "convert", "inspect", "load", "realitystone", "save"]
+# rs_compile.hub, rs_compile.models, ...: imported on first access
+__getattr__, __dir__ = lazy_submodules(__name__, (
+    "bench", "calibration", "cli", "codec", "demo", "eval", "hub", "hyperbolic",
+    "kernels", "lowering", "models", "ops", "passes"), globals())

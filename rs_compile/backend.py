@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from rs_compile.config import CompressionConfig
+from rs_compile.config import CompileConfig, EncodingConfig, split_options
 from rs_compile.report import Report, readable_graph
 
 log = logging.getLogger("rs_compile")
@@ -24,7 +24,8 @@ log = logging.getLogger("rs_compile")
 def compile_graph(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
-    config: CompressionConfig,
+    encoding: EncodingConfig,
+    compile_config: CompileConfig,
     report: Report,
     record_graphs: bool = False,
     mode: str | None = None,
@@ -51,11 +52,12 @@ def compile_graph(
     install_lowerings()
     rw = GraphRewrite(gm, example_inputs)
     local = Report()
-    rewrite_attention(rw, config, local)
-    fuse_qkv_projections(rw, config, local)  # before compress_linears, which takes the rest
-    compress_linears(rw, config, local)
-    compress_grouped_experts(rw, config, local)  # MoE experts reached through grouped_mm
-    report_dense_weights(rw, config, local)  # what stays dense with no entry yet (fused kernels)
+    configs = (encoding, compile_config)  # every pass takes (rw, encoding, compile_config, report)
+    rewrite_attention(rw, *configs, local)
+    fuse_qkv_projections(rw, *configs, local)  # before compress_linears, which takes the rest
+    compress_linears(rw, *configs, local)
+    compress_grouped_experts(rw, *configs, local)  # MoE experts reached through grouped_mm
+    report_dense_weights(rw, *configs, local)  # what stays dense with no entry yet (fused kernels)
     report_dense_experts(rw, local)  # and the expert tensors left dense
     new_gm = rw.finish()
     if record_graphs:
@@ -113,25 +115,28 @@ def _static_fakes(example_inputs, extras):
 class RealityStoneBackend:
     """A dynamo backend with fixed defaults; ``options={...}`` from torch.compile override them."""
 
-    def __init__(self, config: CompressionConfig | None = None, record_graphs: bool = False):
-        self.config = config or CompressionConfig()
+    def __init__(self, encoding: EncodingConfig | None = None,
+                 compile_config: CompileConfig | None = None, record_graphs: bool = False):
+        self.encoding, self.compile_config = split_options(None, encoding, compile_config)
         self.record_graphs = record_graphs
         self.report = Report()
 
     def __call__(self, gm: fx.GraphModule, example_inputs, options: dict | None = None,
                  mode: str | None = None):
-        config = CompressionConfig.from_options(self.config, options)
-        return compile_graph(gm, example_inputs, config, self.report, self.record_graphs, mode)
+        encoding, compile_config = split_options(options, self.encoding, self.compile_config)
+        return compile_graph(gm, example_inputs, encoding, compile_config, self.report,
+                             self.record_graphs, mode)
 
 
 realitystone = RealityStoneBackend()
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_backend(config: CompressionConfig) -> RealityStoneBackend:
-    return RealityStoneBackend(config)
+def _cached_backend(encoding: EncodingConfig, compile_config: CompileConfig) -> RealityStoneBackend:
+    return RealityStoneBackend(encoding, compile_config)
 
 
 def backend(**options: Any) -> RealityStoneBackend:
-    """``torch.compile(model, backend=rs_compile.backend(bits=8))``; same options, same object."""
-    return _cached_backend(CompressionConfig.from_options(None, options))
+    """``torch.compile(model, backend=rs_compile.backend(bits=8))``: the options of both
+    EncodingConfig and CompileConfig, as keywords; same options, same object."""
+    return _cached_backend(*split_options(options))

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from rs_compile.codec.calibrate import gptq_encode
 from rs_compile.codec.encode import EncodedWeight, encode
 from rs_compile.codec.format import Format
+from rs_compile.config import EncodingConfig
 
 Item = tuple | Mapping
 ALLOCATION_BITS = (3, 4, 5, 8)  # the code widths bit allocation chooses from
@@ -166,7 +167,7 @@ def _replace_output(layer: Layer, w_hat: torch.Tensor):
 
 
 def layer_sensitivities(
-    model: nn.Module, layers: Mapping[str, Layer], items: Sequence[Item], config,
+    model: nn.Module, layers: Mapping[str, Layer], items: Sequence[Item], encoding: EncodingConfig,
     progress: bool = False,
 ) -> dict[tuple[str, int], float]:
     """``{(layer, bits): mean output distance over the items}`` with only that layer encoded
@@ -176,8 +177,8 @@ def layer_sensitivities(
         references = [call_model(model, item) for item in items]
         for name, layer in tqdm(layers.items(), desc="rs_compile sensitivity", disable=not progress):
             for bits in ALLOCATION_BITS:
-                w_hat = encode(layer.weight.detach(), Format(bits, config.group_size),
-                               curvatures=config.curvatures).dequantize().to(layer.weight.device)
+                w_hat = encode(layer.weight.detach(), Format(bits, encoding.group_size),
+                               curvatures=encoding.curvatures).dequantize().to(layer.weight.device)
                 handle = _replace_output(layer, w_hat)
                 try:
                     result[name, bits] = sum(output_distance(ref, call_model(model, item))
@@ -188,19 +189,20 @@ def layer_sensitivities(
 
 
 def allocate_bits(
-    layers: Mapping[str, Layer], sensitivity: Mapping[tuple[str, int], float], config
+    layers: Mapping[str, Layer], sensitivity: Mapping[tuple[str, int], float],
+    encoding: EncodingConfig,
 ) -> dict[str, int]:
     """Per-layer code widths minimising the summed output distances of :func:`layer_sensitivities`
-    with all-in bits/weight (codes, scales, curvatures) at most ``config.bit_budget``.
+    with all-in bits/weight (codes, scales, curvatures) at most ``encoding.bit_budget``.
 
     The sum is a proxy (single-layer distances do not add up exactly; they rank the layers), and
     its constrained minimum is found by bisection on the Lagrange multiplier of the size, which
     can leave a little of the budget unused.
     """
-    cost = {(name, b): 8 * Format(b, config.group_size).nbytes(*layer.weight.shape)
+    cost = {(name, b): 8 * Format(b, encoding.group_size).nbytes(*layer.weight.shape)
             for name, layer in layers.items() for b in ALLOCATION_BITS}
     weights = sum(layer.weight.numel() for layer in layers.values())
-    budget = config.bit_budget * weights
+    budget = encoding.bit_budget * weights
 
     def choose(lam: float) -> dict[str, int]:
         return {n: min(ALLOCATION_BITS, key=lambda b: sensitivity[n, b] + lam * cost[n, b])
@@ -212,9 +214,9 @@ def allocate_bits(
     smallest = size({n: ALLOCATION_BITS[0] for n in layers})
     if smallest > budget:
         raise ValueError(
-            f"bit_budget={config.bit_budget} is below the smallest encoding of these layers "
+            f"bit_budget={encoding.bit_budget} is below the smallest encoding of these layers "
             f"({smallest / weights:.3f} bits/weight at {ALLOCATION_BITS[0]} bits with "
-            f"group_size={config.group_size}); raise it"
+            f"group_size={encoding.group_size}); raise it"
         )
     lo, hi = 0.0, 1.0
     while size(choose(hi)) > budget:
@@ -226,19 +228,19 @@ def allocate_bits(
 
 
 def calibrated_encodings(
-    model: nn.Module, layers: Mapping[str, Layer], items: Sequence[Item], config,
+    model: nn.Module, layers: Mapping[str, Layer], items: Sequence[Item], encoding: EncodingConfig,
     progress: bool = False,
 ) -> dict[str, EncodedWeight]:
     """Encode ``layers`` sequentially against their calibration inputs (see the module doc).
 
-    With ``config.bit_budget`` each layer's width comes from :func:`allocate_bits`. With
-    ``config.gptq`` layers are GPTQ-encoded; otherwise the calibration-free search runs with each
+    With ``encoding.bit_budget`` each layer's width comes from :func:`allocate_bits`. With
+    ``encoding.gptq`` layers are GPTQ-encoded; otherwise the calibration-free search runs with each
     weight's error weighted by its input's mean square. Hooks are removed whatever happens.
     """
-    bits = {name: config.bits for name in layers}
-    if config.bit_budget is not None:
-        bits = allocate_bits(layers, layer_sensitivities(model, layers, items, config, progress),
-                             config)
+    bits = {name: encoding.bits for name in layers}
+    if encoding.bit_budget is not None:
+        bits = allocate_bits(layers, layer_sensitivities(model, layers, items, encoding, progress),
+                             encoding)
     encoded: dict[str, EncodedWeight] = {}
     replaced = []
     with inference_mode(model):
@@ -248,7 +250,7 @@ def calibrated_encodings(
                 moments = _collect(model, [layers[n].module for n in group], items, called_once)
                 for name, moment in zip(group, moments):
                     layer = layers[name]
-                    encoded[name] = _encode(layer.weight, moment, bits[name], config)
+                    encoded[name] = _encode(layer.weight, moment, bits[name], encoding)
                     w_hat = encoded[name].dequantize().to(layer.weight.device)
                     replaced.append(_replace_output(layer, w_hat))
         finally:
@@ -273,10 +275,11 @@ def _collect(model: nn.Module, modules: list[nn.Module], items: Sequence[Item],
     return [s.mean() for s in moments]
 
 
-def _encode(weight: torch.Tensor, moments: torch.Tensor, bits: int, config) -> EncodedWeight:
-    fmt = Format(bits, config.group_size)
-    if config.gptq:
-        return gptq_encode(weight.detach(), moments, fmt, curvatures=config.curvatures,
-                           damp=config.gptq_damp)
-    return encode(weight.detach(), fmt, curvatures=config.curvatures,
+def _encode(weight: torch.Tensor, moments: torch.Tensor, bits: int,
+            encoding: EncodingConfig) -> EncodedWeight:
+    fmt = Format(bits, encoding.group_size)
+    if encoding.gptq:
+        return gptq_encode(weight.detach(), moments, fmt, curvatures=encoding.curvatures,
+                           damp=encoding.gptq_damp)
+    return encode(weight.detach(), fmt, curvatures=encoding.curvatures,
                   importance=moments.diagonal().float())

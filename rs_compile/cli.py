@@ -16,23 +16,24 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from rs_compile.config import CompressionConfig
 
-
-def _config(args: argparse.Namespace) -> CompressionConfig:
-    from rs_compile.config import CompressionConfig
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The convert / backend keywords the command line sets, validated before any work."""
+    from rs_compile.config import split_options
 
     options = {"bits": args.bits, "group_size": args.group_size,
                "act_bits": getattr(args, "act_bits", None),
                "compress_tied": getattr(args, "compress_tied", None),
                "embeddings": getattr(args, "embeddings", None)}
-    return CompressionConfig.from_options(None, {k: v for k, v in options.items() if v is not None})
+    options = {k: v for k, v in options.items() if v is not None}
+    split_options(options)
+    return options
 
 
 def _demo(args: argparse.Namespace) -> int:
     from rs_compile import demo
 
-    demo.run(_config(args), iters=args.iters)
+    demo.run(_options(args), iters=args.iters)
     return 0
 
 
@@ -85,11 +86,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
     if args.seq_len < 1:
         raise ValueError(f"--seq-len={args.seq_len} is invalid; it must be >= 1")
-    config = _config(args)
+    options = _options(args)
     model, _ = _loaded(args.model)
     ids = _token_ids(model, args.seq_len)
     with progress("inspect: compiling with the realitystone backend and running"):
-        report = rs_compile.inspect(model, example_kwargs={"input_ids": ids}, **vars(config))
+        report = rs_compile.inspect(model, example_kwargs={"input_ids": ids}, **options)
     print(report)
     if args.layers:
         print("\nlayers:")
@@ -124,11 +125,11 @@ def _convert(args: argparse.Namespace) -> int:
     from rs_compile.hub import save_model
 
     _check_out_folder(args.out)
-    config = _config(args)
+    options = _options(args)
     model, tokenizer = _loaded(args.model)
     calibration = _calibration(args.calibration, tokenizer) if args.calibration else None
     before = model_bytes(model)
-    rs_compile.convert(model, config, calibration=calibration, progress=True)
+    rs_compile.convert(model, calibration=calibration, progress=True, **options)
     print(model.rs_report)
     out = save_model(model, args.out, tokenizer)
     print(f"model bytes {before:,} -> {model_bytes(model):,}; saved to {out} "
@@ -158,14 +159,17 @@ def _eval(args: argparse.Namespace) -> int:
     from rs_compile.eval import harness
     from rs_compile.progress import progress
 
-    config = _config(args)
+    from rs_compile.config import split_options
+
+    options = _options(args)
     model, tokenizer = _loaded(args.model)
     if tokenizer is not None and args.model != "minilm":
-        return _eval_text(args, config, model, tokenizer)
+        return _eval_text(args, options, model, tokenizer)
     if args.gguf or args.configs != ["default"]:
         raise ValueError("--gguf and --configs apply to causal LMs with a tokenizer (gemma3-270m)")
-    quantizers = {f"rs_compile {config.bits}-bit g{config.group_size}": quantizer(config)}
-    baselines = harness.baseline_quantizers(config.group_size)
+    encoding, _ = split_options(options)
+    quantizers = {f"rs_compile {encoding.bits}-bit g{encoding.group_size}": quantizer(encoding)}
+    baselines = harness.baseline_quantizers(encoding.group_size)
     quantizers.update({b: baselines[b] for b in args.baseline})
     with progress("eval: reference outputs of the original model") as bar:
         quantizers = {name: _announcing(bar, f"eval: {name} ({i}/{len(quantizers)})", q)
@@ -189,19 +193,19 @@ OURS_CONFIGS = {  # --configs: rs_compile.convert variants, on top of --bits / -
 }
 
 
-def _methods(args: argparse.Namespace, config: CompressionConfig, tokenizer: Any) -> dict[str, Any]:
-    """The methods ``rs-compile eval`` compares on a tokenizer-equipped causal LM."""
-    import dataclasses
-
+def _methods(args: argparse.Namespace, options: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """The methods ``rs-compile eval`` compares on a tokenizer-equipped causal LM (``options``:
+    the command line's convert keywords)."""
+    from rs_compile.config import split_options
     from rs_compile.eval import harness, methods
 
-    g = config.group_size
+    g = split_options(options)[0].group_size
     found = {}
     for name in args.configs:
-        options, _ = OURS_CONFIGS[name]
+        variant, _ = OURS_CONFIGS[name]
         calibration = (_calibration(harness.CALIBRATION_FILE, tokenizer)
                        if name in ("calibrated", "budget") else None)
-        found[f"ours {name}"] = methods.ours(dataclasses.replace(config, **options), calibration)
+        found[f"ours {name}"] = methods.ours({**options, **variant}, calibration)
     searched = methods.group_storage  # codes + a signed step byte per group + a bf16 row scale
     catalogue = {
         "nf4": ("NF4, searched scales", searched(4, g, 8, 16)),
@@ -218,14 +222,14 @@ def _methods(args: argparse.Namespace, config: CompressionConfig, tokenizer: Any
     return found
 
 
-def _eval_text(args: argparse.Namespace, config: CompressionConfig, model: Any, tokenizer: Any) -> int:
+def _eval_text(args: argparse.Namespace, options: dict[str, Any], model: Any, tokenizer: Any) -> int:
     import importlib.util
 
     from rs_compile.eval import harness, methods
     from rs_compile.progress import progress
 
     text = harness.held_out_text(tokenizer, args.tokens, args.prompts, args.prompt_tokens)
-    found = _methods(args, config, tokenizer)
+    found = _methods(args, options, tokenizer)
     sizes: dict[str, Any] = {}
 
     def student(name: str, method: Any) -> Any:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from rs_compile.calibration import Layer, calibrated_encodings, check_items
 from rs_compile.codec.encode import EncodedWeight, encode
 from rs_compile.codec.format import Format
-from rs_compile.config import CompressionConfig
+from rs_compile.config import CompileConfig, EncodingConfig, split_options
 from rs_compile.modules import CompressedEmbedding, CompressedLinear, compress_embedding
 from rs_compile.report import LinearRewrite, Report
 
@@ -48,17 +48,23 @@ def _tied_names(model: nn.Module) -> dict[int, list[str]]:
 
 def convert(
     model: nn.Module,
-    config: CompressionConfig | None = None,
+    encoding: EncodingConfig | None = None,
+    compile_config: CompileConfig | None = None,
     *,
     calibration: Iterable[tuple | Mapping[str, Any]] | None = None,
     progress: bool = False,
-    **overrides: Any,
+    **options: Any,
 ) -> nn.Module:
     """Compress every eligible Linear / Conv1D and (``embeddings=True``, the default) embedding of
     ``model`` in place and return it. An output layer tied to a compressed embedding reads the
     embedding's codes: one copy, no dense table left. Converted weights and biases become frozen
     buffers whatever their ``requires_grad`` (outside ``model.parameters()``; gradients still reach
     the inputs); the backend instead keeps trainable weights dense unless ``frozen_weights=True``.
+
+    ``options``: fields of :class:`~rs_compile.EncodingConfig` (what is stored: ``bits``,
+    ``group_size``, ``embeddings``, ...) and of :class:`~rs_compile.CompileConfig` (``act_bits``
+    is the one the converted layers use) as keywords, applied over ``encoding`` and
+    ``compile_config``; an unknown one is a ValueError listing both sets.
 
     ``calibration``: optional sample inputs, each a tuple of positional arguments or a dict of
     keyword arguments for ``model(...)``. With them every layer is encoded to minimise its output
@@ -69,16 +75,16 @@ def convert(
     what was skipped (with reasons) is attached as ``model.rs_report``. A converted transformers
     model's ``save_pretrained`` warns: it cannot store compressed layers (use rs_compile.hub.save_model).
     """
-    config = CompressionConfig.from_options(config, overrides)
+    encoding, compile_config = split_options(options, encoding, compile_config)
     if isinstance(model, CompressedLinear):
         raise ValueError("convert expects a model containing layers, got a single CompressedLinear")
     items = None if calibration is None else check_items(calibration)
-    if items is None and config.bit_budget is not None:
-        raise ValueError(f"bit_budget={config.bit_budget} needs calibration data to measure how much "
+    if items is None and encoding.bit_budget is not None:
+        raise ValueError(f"bit_budget={encoding.bit_budget} needs calibration data to measure how much "
                          "each layer matters: pass calibration=[...] or drop bit_budget")
     tied = _tied_names(model)
     report = Report()
-    tables = _embedding_tables(model, config, report, tied) if config.embeddings else {}
+    tables = _embedding_tables(model, encoding, report, tied) if encoding.embeddings else {}
     table_of = {id(m.weight): n for n, m in tables.items()}
     heads: dict[str, tuple[nn.Module, str]] = {}
     layers: dict[str, Layer] = {}
@@ -92,7 +98,7 @@ def convert(
                 report.skip(name, reason)
             continue
         weight, bias = lw
-        reason = _skip_reason(name, module, weight, config, tied)
+        reason = _skip_reason(name, module, weight, encoding, tied)
         if reason:
             report.skip(name, reason)
             continue
@@ -114,26 +120,27 @@ def convert(
 
     if items is None:
         encoded = {
-            name: encode(weight.detach(), config.format, curvatures=config.curvatures)
+            name: encode(weight.detach(), encoding.format, curvatures=encoding.curvatures)
             for name, (_, weight, _) in tqdm(layers.items(), desc="rs_compile convert",
                                              disable=not progress)
         }
     else:
-        encoded = calibrated_encodings(model, layers, items, config, progress)
-    new: dict[str, nn.Module] = _compressed_tables(tables, config, report, progress)
+        encoded = calibrated_encodings(model, layers, items, encoding, progress)
+    new: dict[str, nn.Module] = _compressed_tables(tables, encoding, report, progress)
     for name, (module, table) in heads.items():
         if table in new:  # an embedding that failed its check keeps its head dense too
-            new[name] = _tied_head(module, new[table], config, report, name, table)
+            new[name] = _tied_head(module, new[table], compile_config, report, name, table)
     for name, (module, weight, bias) in layers.items():
         enc = encoded[name]
-        new[name] = CompressedLinear(enc, bias, config.act_bits, weight.dtype).to(weight.device)
+        new[name] = CompressedLinear(enc, bias, compile_config.act_bits,
+                                     weight.dtype).to(weight.device)
         report.linear_rewrites.append(LinearRewrite(
             module=name, pattern=type(module).__name__, out_features=enc.out_features,
             in_features=enc.in_features, bits=enc.bits,
             dense_bytes=weight.numel() * weight.element_size(), compressed_bytes=enc.nbytes()))
     from rs_compile.experts import find_experts  # MoE experts: 3-D parameters, not nn.Linear
 
-    new.update(find_experts(model, config, report, progress))
+    new.update(find_experts(model, encoding, compile_config, report, progress))
     for name, module in new.items():
         model.set_submodule(name, module)
     if new:
@@ -144,7 +151,7 @@ def convert(
     return model
 
 
-def _embedding_tables(model: nn.Module, config: CompressionConfig, report: Report,
+def _embedding_tables(model: nn.Module, encoding: EncodingConfig, report: Report,
                       tied: dict[int, list[str]]) -> dict[str, nn.Embedding]:
     """The embeddings to compress; the others are reported with the reason."""
     tables = {}
@@ -156,8 +163,8 @@ def _embedding_tables(model: nn.Module, config: CompressionConfig, report: Repor
             reason = "weight is on the meta device (load real weights first, or use rs_compile.load)"
         elif not weight.is_floating_point():
             reason = f"weight dtype {weight.dtype} is not floating point"
-        elif min(weight.shape) < config.min_features:
-            reason = f"table {tuple(weight.shape)} smaller than min_features={config.min_features}"
+        elif min(weight.shape) < encoding.min_features:
+            reason = f"table {tuple(weight.shape)} smaller than min_features={encoding.min_features}"
         elif module.max_norm is not None:
             reason = "max_norm renormalises the table in place at every lookup; a fixed code cannot"
         else:
@@ -174,14 +181,14 @@ def _embedding_tables(model: nn.Module, config: CompressionConfig, report: Repor
 PROBE_IDS = 8  # rows a subclass's forward is checked on
 
 
-def _compressed_tables(tables: dict[str, nn.Embedding], config: CompressionConfig, report: Report,
+def _compressed_tables(tables: dict[str, nn.Embedding], encoding: EncodingConfig, report: Report,
                        progress: bool) -> dict[str, nn.Module]:
     """CompressedEmbedding per table; a subclass whose forward does not give the original's
     output on the decoded table (it computes with ``weight`` itself) is skipped with the reason."""
-    fmt = Format(config.embedding_bits, config.group_size)
+    fmt = encoding.embedding_format
     new: dict[str, nn.Module] = {}
     for name, module in tqdm(tables.items(), desc="rs_compile embeddings", disable=not progress):
-        enc = encode(module.weight.detach(), fmt, curvatures=config.curvatures)
+        enc = encode(module.weight.detach(), fmt, curvatures=encoding.curvatures)
         compressed = compress_embedding(module, enc).to(module.weight.device)
         if type(module) is not nn.Embedding and (reason := _subclass_mismatch(module, compressed, enc)):
             report.skip(name, reason)
@@ -215,7 +222,7 @@ def _subclass_mismatch(module: nn.Embedding, compressed: nn.Module, enc: Encoded
     return None
 
 
-def _tied_head(module: nn.Module, table: nn.Module, config: CompressionConfig, report: Report,
+def _tied_head(module: nn.Module, table: nn.Module, compile_config: CompileConfig, report: Report,
                name: str, table_name: str) -> CompressedLinear:
     """The output layer ``module`` tied to ``table``, reading the same code tensors."""
     enc = EncodedWeight(table.codes, table.groups, table.row_scale,
@@ -223,7 +230,7 @@ def _tied_head(module: nn.Module, table: nn.Module, config: CompressionConfig, r
     report.linear_rewrites.append(LinearRewrite(
         module=name, pattern=f"tied:{table_name}", out_features=enc.out_features,
         in_features=enc.in_features, bits=enc.bits, dense_bytes=0, compressed_bytes=0))
-    return CompressedLinear(enc, linear_weight(module)[1], config.act_bits, module.weight.dtype)
+    return CompressedLinear(enc, linear_weight(module)[1], compile_config.act_bits, module.weight.dtype)
 
 
 IN_PROJ_REASON = ("nn.MultiheadAttention.{} is a bare Parameter (no Linear module) "
@@ -285,16 +292,16 @@ def _finite(param: torch.Tensor) -> bool:
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
-def _skip_reason(name, module, weight, config, tied) -> str | None:
+def _skip_reason(name, module, weight, encoding: EncodingConfig, tied) -> str | None:
     if weight.device.type == "meta":
         return "weight is on the meta device (load real weights first, or use rs_compile.load)"
     if not weight.is_floating_point():
         return f"weight dtype {weight.dtype} is not floating point"
-    if min(weight.shape) < config.min_features:
-        return f"weight {tuple(weight.shape)} smaller than min_features={config.min_features}"
+    if min(weight.shape) < encoding.min_features:
+        return f"weight {tuple(weight.shape)} smaller than min_features={encoding.min_features}"
     p = module.weight
     others = [n for n in tied.get(id(p), []) if not n.startswith(f"{name}.")]
-    if others and not config.compress_tied:
+    if others and not encoding.compress_tied:
         return (f"weight is tied with {others}; compressing would keep a dense copy beside the "
                 "codes - pass compress_tied=True to compress it anyway")
     return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rs_compile.codec.encode import encode
-from rs_compile.config import CompressionConfig
+from rs_compile.config import EncodingConfig
 from rs_compile.convert import convert
 from rs_compile.eval.splits import HELDOUT_SENTENCES
 from rs_compile.hub import BUILTINS
@@ -36,11 +36,11 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in seen.values())
 
 
-def quantizer(config: CompressionConfig) -> Callable[[str, torch.Tensor], torch.Tensor]:
+def quantizer(encoding: EncodingConfig) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """The rs_compile codec as a fidelity-harness fake-quantizer: the dense weight the codes decode
     to, which is exactly what CompressedLinear multiplies by."""
     def quantize(name: str, weight: torch.Tensor) -> torch.Tensor:
-        enc = encode(weight, config.format, curvatures=config.curvatures)
+        enc = encode(weight, encoding.format, curvatures=encoding.curvatures)
         return enc.dequantize().to(weight.dtype)
 
     return quantize
@@ -147,16 +147,17 @@ def load_gemma() -> tuple[nn.Module, Any] | None:
         return None
 
 
-def run_gemma(original: nn.Module, tokenizer: Any, config: CompressionConfig | None = None,
+def run_gemma(original: nn.Module, tokenizer: Any, options: Mapping[str, Any] | None = None,
               prompts: int = 3, new_tokens: int = GEMMA_NEW_TOKENS) -> None:
-    """Gemma-3-270M, whole model compressed: sizes, fidelity on held-out text, and the two models'
-    greedy text side by side with tokens/s (eager ``generate``, no compile, batch 1)."""
+    """Gemma-3-270M, whole model compressed (``options``: convert's keywords): sizes, fidelity on
+    held-out text, and the two models' greedy text side by side with tokens/s (eager
+    ``generate``, no compile, batch 1)."""
     from rs_compile.eval.harness import held_out_text
     from rs_compile.eval.metrics import next_token_kl_top1
 
     start = time.perf_counter()
     print("model: Gemma-3-270M (trained causal LM, 268M parameters; tied 262k-token embedding)")
-    converted = convert(copy.deepcopy(original), config, progress=True)
+    converted = convert(copy.deepcopy(original), progress=True, **(options or {}))
     print(converted.rs_report)
     before, after = model_bytes(original), model_bytes(converted)
     print(f"model bytes: {before:,} -> {after:,} ({before / after:.2f}x smaller; every parameter and "
@@ -185,8 +186,9 @@ def run_gemma(original: nn.Module, tokenizer: Any, config: CompressionConfig | N
     print(f"demo wall time {time.perf_counter() - start:.0f} s")
 
 
-def run(config: CompressionConfig | None = None, iters: int = 10) -> None:
-    """Convert the demo model, then print the rewrite report, sizes, fidelity and speed.
+def run(options: Mapping[str, Any] | None = None, iters: int = 10) -> None:
+    """Convert the demo model with convert's keywords ``options``, then print the rewrite report,
+    sizes, fidelity and speed.
 
     Gemma-3-270M when installed (``iters`` prompts, at most 3), else MiniLM / a tiny GPT-2
     (``iters`` timed calls per model)."""
@@ -195,12 +197,12 @@ def run(config: CompressionConfig | None = None, iters: int = 10) -> None:
                          "call per model (default 10)")
     gemma = load_gemma()
     if gemma is not None:
-        return run_gemma(*gemma, config, prompts=min(iters, len(GEMMA_PROMPTS)))
+        return run_gemma(*gemma, options, prompts=min(iters, len(GEMMA_PROMPTS)))
     start = time.perf_counter()
     with progress("loading the demo model"):
         label, original, inputs, fidelity = load_demo_model()
     print(f"model: {label}")
-    converted = convert(copy.deepcopy(original), config, progress=True)
+    converted = convert(copy.deepcopy(original), progress=True, **(options or {}))
     print(converted.rs_report)
     before, after = model_bytes(original), model_bytes(converted)
     print(f"model bytes: {before:,} -> {after:,} ({before / after:.2f}x smaller; embeddings and "

@@ -44,6 +44,7 @@ from torch import nn
 
 from rs_compile.codec.encode import EncodedWeight, encode
 from rs_compile.codec.format import Format, decode_weight
+from rs_compile.config import CompileConfig, EncodingConfig
 from rs_compile.ops.linear import check_packed, linear  # noqa: F401  (registers rs::linear)
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -447,7 +448,8 @@ def compress_experts(module: nn.Module, fmt: Format, curvatures: int | None = No
     return compressed, None
 
 
-def find_experts(model: nn.Module, config, report, progress: bool = False) -> dict[str, nn.Module]:
+def find_experts(model: nn.Module, encoding: EncodingConfig, compile_config: CompileConfig, report,
+                 progress: bool = False) -> dict[str, nn.Module]:
     """Convert's hook: a CompressedExperts per recognised experts module of ``model`` (built, not
     swapped in), each reported as two rewrites of pattern ``experts``; every other module holding
     a parameter of 3 or more dims is reported as skipped with the reason."""
@@ -463,14 +465,14 @@ def find_experts(model: nn.Module, config, report, progress: bool = False) -> di
         params = dict(module.named_parameters(recurse=False))
         if sorted(params) == sorted(PROJECTIONS):
             gu, down = _oriented(module) if layout_reason(module) is None else (None, None)
-            small = gu is not None and min(*gu.shape[1:], *down.shape[1:]) < config.min_features
+            small = gu is not None and min(*gu.shape[1:], *down.shape[1:]) < encoding.min_features
             if small:
                 reason = (f"expert matrices {tuple(gu.shape[1:])} / {tuple(down.shape[1:])} smaller "
-                          f"than min_features={config.min_features}")
+                          f"than min_features={encoding.min_features}")
                 compressed = None
             else:
-                compressed, reason = compress_experts(module, config.format, config.curvatures,
-                                                      config.act_bits)
+                compressed, reason = compress_experts(module, encoding.format, encoding.curvatures,
+                                                      compile_config.act_bits)
         else:
             big = [f"{n} {tuple(p.shape)}" for n, p in params.items() if p.dim() >= 3]
             compressed, reason = None, (f"{type(module).__qualname__} holds {', '.join(big)}: not an "

@@ -8,7 +8,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from rs_compile.backend import RealityStoneBackend
-from rs_compile.config import CompressionConfig
+from rs_compile.config import split_options
 from rs_compile.report import Report
 
 
@@ -23,7 +23,7 @@ def inspect(
     The report lists linear/attention rewrites, skips with reasons, the graphs before and after
     (annotated with module names), and the largest difference between compiled and eager outputs.
     """
-    backend = RealityStoneBackend(CompressionConfig.from_options(None, options), record_graphs=True)
+    backend = RealityStoneBackend(*split_options(options), record_graphs=True)
     kwargs = example_kwargs or {}
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():

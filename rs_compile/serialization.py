@@ -22,7 +22,6 @@ tensor, the metadata and the model before it changes the model.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -37,7 +36,7 @@ from torch import nn
 
 from rs_compile.codec.encode import EncodedWeight
 from rs_compile.codec.format import Format
-from rs_compile.config import CompressionConfig
+from rs_compile.config import CompileConfig, EncodingConfig, split_options
 from rs_compile.convert import linear_weight
 from rs_compile.modules import PACKED, CompressedEmbedding, CompressedLinear, compress_embedding
 
@@ -90,9 +89,9 @@ def _check_layer(where: str, name: str, m: Mapping, tensors: Mapping[str, torch.
     if not all(type(v) is int and v > 0 for v in sizes.values()) or type(m.get("bias")) is not bool:
         raise ValueError(f"{where}: compressed layer {name!r} has invalid {sizes} or "
                          f"bias={m.get('bias')!r} (positive ints and a bool expected)")
-    options = {f.name for f in dataclasses.fields(CompressionConfig)}
+    options = {*EncodingConfig.option_names(), *CompileConfig.option_names()}
     try:  # bits, group_size, act_bits, ...: the one validation every option goes through
-        CompressionConfig.from_options(None, {k: v for k, v in m.items() if k in options})
+        split_options({k: v for k, v in m.items() if k in options})
     except ValueError as err:
         raise ValueError(f"{where}: compressed layer {name!r}: {err}") from None
     fmt = (f"{m['bits']}-bit codes in groups of {m['group_size']}, [out, in] = "

@@ -1,4 +1,5 @@
-"""Poincare-ball weight codes: the stored layout (format) and the offline encoder (encode)."""
+"""Weight codes on log-map-shaped level grids: the stored layout (format) and the offline encoder
+(encode)."""
 
 from rs_compile.codec.encode import EncodedWeight, encode
 from rs_compile.codec.format import SUPPORTED_BITS, decode_weight

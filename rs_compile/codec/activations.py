@@ -3,7 +3,7 @@
 Each row of ``x`` is split into the weight's groups along ``in_features`` and every group is
 rounded to ``round(x / s) * s`` with ``s = max|x| / 127`` (symmetric, one float32 scale per row and
 group, computed per call). The integer dot products of the CPU kernel
-(``rs_compile/lowering/gemv_w4.cpp``) are then exact, and its result differs from this rounding
+(``rs_compile/lowering/cpu_kernel.cpp``) are then exact, and its result differs from this rounding
 followed by a float matmul only in the order of float additions. A group holding a NaN or inf
 gives NaN, as the matmul would.
 """
@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 
 ACT_BITS = (0, 8)  # 0: float activations (weight-only); 8: dynamic int8 per group
+ACT_TOP = 127  # largest |level| an activation rounds to (the C++ kernel is built with it too)
 
 
 def _round_groups(xg: torch.Tensor) -> torch.Tensor:
     amax = xg.abs().amax(-1, keepdim=True)
-    s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    s = torch.where(amax > 0, amax / ACT_TOP, torch.ones_like(amax))
     return torch.round(xg / s) * s
 
 

@@ -101,7 +101,7 @@ def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
     Damping regularises ``H`` towards plain weight error: calibration sets of a few hundred
     tokens span few directions of a wide layer, and an undamped ``H`` would trade unseen
-    directions for seen ones (see CompressionConfig.gptq_damp).
+    directions for seen ones (see EncodingConfig.gptq_damp).
     """
     h = hessian.double().clone()
     mean_diag = float(h.diagonal().mean())

@@ -1,8 +1,10 @@
 """The stored weight format: the single definition of what the bytes mean.
 
-Every consumer takes its constants from here: the CPU reference op and the Inductor lowering call
-these functions, and the C++ and Triton kernels receive :meth:`Format.levels` as an argument rather
-than restating the tables.
+Every consumer takes its constants from here, so a format change is one edit of this module: the
+CPU reference op and the Inductor lowering call these functions; the C++ kernel is built with the
+constants below as ``#define``s (rs_compile/lowering/cpu_kernel.py prepends them to its source, so
+an edit here rebuilds it); the Triton kernel receives them as ``constexpr`` launch arguments; both
+kernels receive :meth:`Format.levels` as an argument rather than restating the tables.
 
 One weight ``W[N, K]`` (nn.Linear orientation, out x in), ``K`` zero-padded to
 ``Kp = ngroups * group_size``, is stored as three tensors (:meth:`Format.packed_specs`):
@@ -16,7 +18,7 @@ One weight ``W[N, K]`` (nn.Linear orientation, out x in), ``K`` zero-padded to
 * ``groups``    uint8 ``[N, ngroups]``: one byte per group holding a signed integer *scale step*
   ``k`` and, for widths with several level tables, the table (curvature) index ``c``:
   ``byte = (k << CURVATURE_BITS) | c`` in two's complement, i.e. ``k = int8(byte) >> 2`` and
-  ``c = byte & 3`` (8-bit codes have one table, so ``k = int8(byte)``).
+  ``c = byte & 3`` (``UNIFORM_BITS``-wide codes have one table, so ``k = int8(byte)``).
 * ``row_scale`` bfloat16 ``[N]``: the scale of one step.
 
 Decode of code ``q`` in group ``g`` of row ``n``::
@@ -52,15 +54,16 @@ import torch
 
 SUPPORTED_BITS = (2, 3, 4, 5, 8)
 PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 8: (8,)}
-CURVATURES = (0, 1, 2, 3)  # the curvature of level table c, for widths below 8 bits
-CURVATURE_BITS = 2  # bits of a group byte holding the table index (widths below 8 bits)
+UNIFORM_BITS = 8  # the width stored with one uniform table, q - 2**(bits-1), and no table index
+CURVATURES = (0, 1, 2, 3)  # the curvature of level table c, for the other widths
+CURVATURE_BITS = 2  # bits of a group byte holding the table index (the other widths)
 TOP_LEVEL = 127
 
 
 @functools.cache
 def _levels(bits: int) -> tuple[tuple[int, ...], ...]:
-    if bits == 8:
-        return (tuple(range(-128, 128)),)
+    if bits == UNIFORM_BITS:
+        return (tuple(range(-(1 << (bits - 1)), 1 << (bits - 1))),)
     half = 2 ** (bits - 1) - 1
     u = (torch.arange(2**bits, dtype=torch.float64) - half) / half
     c = torch.tensor(CURVATURES, dtype=torch.float64).unsqueeze(-1)
@@ -95,12 +98,12 @@ class Format:
 
     @property
     def curvature_bits(self) -> int:
-        return 0 if self.bits == 8 else CURVATURE_BITS
+        return 0 if self.bits == UNIFORM_BITS else CURVATURE_BITS
 
     @property
     def tables(self) -> int:
         """How many level tables (curvatures) a group can choose from."""
-        return 1 if self.bits == 8 else len(CURVATURES)
+        return 1 if self.bits == UNIFORM_BITS else len(CURVATURES)
 
     @property
     def max_step(self) -> int:
@@ -190,9 +193,16 @@ def decode_weight(
     codes: torch.Tensor, groups: torch.Tensor, row_scale: torch.Tensor, bits: int, group_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    """Dense float32 weight ``[N, in_features]`` that the packed tensors represent."""
+    """Dense float32 weight ``[N, in_features]`` that the packed tensors represent.
+
+    A partial last group is cut apart from the whole groups: slicing the padded rows back to
+    ``in_features`` is miscompiled by Inductor (torch 2.13 CPU, 8-bit codes: the last group's
+    columns are never written), and the Inductor lowering traces this function."""
     w = decode_groups(codes, groups, row_scale, bits, group_size)
-    return w.reshape(w.shape[0], -1)[:, :in_features]
+    full = in_features // group_size
+    if full * group_size == in_features:
+        return w.reshape(w.shape[0], -1)
+    return torch.cat([w[:, :full].flatten(1), w[:, full, : in_features - full * group_size]], dim=1)
 
 
 def check_format(bits: int, group_size: int) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -88,15 +88,17 @@ def group_storage(bits: int, group_size: int, group_bits: int, row_bits: int = 0
     return storage
 
 
-def ours(config: Any = None, calibration: list | None = None) -> Method:
-    """``rs_compile.convert(copy, config, calibration=...)``; sizes are the packed tensors it holds."""
+def ours(options: Mapping[str, Any] | None = None, calibration: list | None = None) -> Method:
+    """``rs_compile.convert(copy, calibration=..., **options)``; sizes are the packed tensors it
+    holds."""
     def build(model: nn.Module) -> Student:
         import rs_compile
         from rs_compile.demo import model_bytes
         from rs_compile.modules import CompressedEmbedding, CompressedLinear
 
         n_linear, n_table = part_parameters(model)
-        converted = rs_compile.convert(copy.deepcopy(model), config, calibration=calibration)
+        converted = rs_compile.convert(copy.deepcopy(model), calibration=calibration,
+                                       **(options or {}))
         student = copy.deepcopy(model)
         compressed = dict(converted.named_modules())
         tables = {n: m for n, m in compressed.items() if isinstance(m, CompressedEmbedding)}

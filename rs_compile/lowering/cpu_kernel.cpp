@@ -29,8 +29,17 @@
 // lane is converted to float; nothing accumulates in int32 across chunks, so no group_size limit
 // comes from overflow. The float paths accumulate in float32.
 //
+// The format's constants are not restated here: cpu_kernel.py prepends them as #defines read
+// from rs_compile/codec/format.py (RS_CURVATURE_BITS, RS_TABLES, RS_UNIFORM_BITS,
+// RS_FORMAT_PLANES, RS_ACT_TOP for the activation rounding, RS_MAX_GROUP_SIZE for the buffers).
+// The generic path follows any of them; the vector paths are written for 2-bit table indices
+// over 4 tables and the uniform table q - 128 (checked at run time), and are skipped otherwise.
+//
 // Entry: kernel(...) returns 0 on success, a negative status for arguments it refuses (checked
 // before anything is read); the Python side checks shapes first, this is the second line.
+#ifndef RS_CURVATURE_BITS
+#error "build this file through rs_compile/lowering/cpu_kernel.py, which defines the format's constants"
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -67,14 +76,14 @@ struct Layer {
 // ---------------------------------------------------------------- generic (any width / group)
 
 const int* planes_of(int64_t bits, int* count) {
-  static const int p2[] = {2}, p3[] = {2, 1}, p4[] = {4}, p5[] = {4, 1}, p8[] = {8};
-  switch (bits) {
-    case 2: *count = 1; return p2;
-    case 3: *count = 2; return p3;
-    case 4: *count = 1; return p4;
-    case 5: *count = 2; return p5;
-    case 8: *count = 1; return p8;
+#define RS_PLANES_CASE(B, ...)                                   \
+  case B: {                                                      \
+    static const int p[] = {__VA_ARGS__};                        \
+    *count = static_cast<int>(sizeof(p) / sizeof(p[0]));         \
+    return p;                                                    \
   }
+  switch (bits) { RS_FORMAT_PLANES(RS_PLANES_CASE) }
+#undef RS_PLANES_CASE
   *count = 0;
   return nullptr;
 }
@@ -83,13 +92,13 @@ const int* planes_of(int64_t bits, int* count) {
 void decode_group_generic(const Layer& L, int64_t n, int64_t g, float* w) {
   const uint8_t* p = L.codes + n * L.row_bytes + g * (L.G * L.bits / 8);
   const int8_t gb = static_cast<int8_t>(L.groups[n * L.ng + g]);
-  const int cb = L.bits == 8 ? 0 : 2;
+  const int cb = L.bits == RS_UNIFORM_BITS ? 0 : RS_CURVATURE_BITS;
   const int k = gb >> cb;  // arithmetic shift of the signed byte
   const int c = gb & ((1 << cb) - 1);
   const float* lv = L.levels + (static_cast<int64_t>(c) << L.bits);
   int np;
   const int* planes = planes_of(L.bits, &np);
-  int q[1024];  // G <= 1024 (checked by the entry)
+  int q[RS_MAX_GROUP_SIZE];  // checked by the entry
   for (int64_t j = 0; j < L.G; ++j) q[j] = 0;
   int low = 0;
   for (int pi = 0; pi < np; ++pi) {
@@ -107,7 +116,7 @@ void decode_group_generic(const Layer& L, int64_t n, int64_t g, float* w) {
 
 void gemv_rows_generic(const Layer& L, const float* xp, int64_t M, int64_t Kp, float* y,
                        int64_t n0, int64_t n1) {
-  float w[1024];
+  float w[RS_MAX_GROUP_SIZE];
   for (int64_t n = n0; n < n1; ++n) {
     float acc[kMaxRows] = {0};
     for (int64_t g = 0; g < L.ng; ++g) {
@@ -127,7 +136,7 @@ void gemv_rows_generic(const Layer& L, const float* xp, int64_t M, int64_t Kp, f
 }
 
 void decode_rows_generic(const Layer& L, float* out, int64_t n0, int64_t n1) {
-  float w[1024];
+  float w[RS_MAX_GROUP_SIZE];
   for (int64_t n = n0; n < n1; ++n) {
     const float rs = bf16_to_float(L.row_scale[n]);
     float* o = out + n * L.K;
@@ -284,7 +293,7 @@ RS_AVX512 void decode_rows_avx512(const Layer& L, const Aux5* aux, float* out, i
   const int64_t G = L.G, gbytes = G * L.bits / 8, S = G / 32;
   Dec dec;
   if constexpr (std::is_same_v<Dec, Dec5>) dec.aux = aux;
-  alignas(64) float tail[1024];  // the last group when K is not a multiple of G (G <= 1024)
+  alignas(64) float tail[RS_MAX_GROUP_SIZE];  // the last group when K is not a multiple of G
   for (int64_t n = n0; n < n1; ++n) {
     const __m512 rs = _mm512_set1_ps(bf16_to_float(L.row_scale[n]));
     const uint8_t* row = L.codes + n * L.row_bytes;
@@ -335,11 +344,11 @@ bool round_group(const float* x, int64_t len, int8_t* q, int64_t, float* sx, dou
     if (!(a <= 3.4028235e38f)) return false;
     amax = std::max(amax, a);
   }
-  const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+  const float s = amax > 0.0f ? amax / RS_ACT_TOP : 1.0f;
   int32_t sum = 0;
   for (int64_t j = 0; j < len; ++j) {
     const float r = std::nearbyint(x[j] / s);
-    const int v = static_cast<int>(std::min(127.0f, std::max(-127.0f, r)));
+    const int v = static_cast<int>(std::min(RS_ACT_TOP, std::max(-RS_ACT_TOP, r)));
     q[j] = static_cast<int8_t>(v);
     sum += v;
   }
@@ -591,7 +600,7 @@ void quantize_row(const float* x, int64_t K, int64_t G, int64_t Kp, float* xq) {
       amax = std::max(amax, a);
     }
     // torch: s = where(amax > 0, amax / 127, 1); a NaN amax compares false, so s = 1
-    const float s = (!nan && amax > 0.0f) ? amax / 127.0f : 1.0f;
+    const float s = (!nan && amax > 0.0f) ? amax / RS_ACT_TOP : 1.0f;
     for (int64_t j = 0; j < len; ++j) xq[g0 + j] = std::nearbyint(x[g0 + j] / s) * s;
     for (int64_t j = len; j < G; ++j) xq[g0 + j] = 0.0f;
   }
@@ -602,6 +611,7 @@ enum Path { kGeneric = 0, kAvx512 = 1, kVnni = 2, kVnniFloat = 3 };  // kVnniFlo
 int pick_path(const Layer& L, int64_t act_bits, int64_t flags) {
   if (flags & 1) return kGeneric;
   if (L.G % 32 != 0 || !has_avx512()) return kGeneric;
+  if (RS_CURVATURE_BITS != 2 || RS_TABLES != 4) return kGeneric;  // the vector paths' layout
   const bool pow2 = (L.G & (L.G - 1)) == 0;
   if (!(flags & 2) && has_vnni() && pow2 &&
       (L.bits == 4 || L.bits == 8 || (L.bits == 5 && L.G <= 128))) {
@@ -636,12 +646,12 @@ int64_t kernel(const float* x, const uint8_t* codes, const uint8_t* groups, cons
   if (mode == 2) return (has_avx512() ? 1 : 0) | (has_vnni() ? 2 : 0);
   int np;
   if (planes_of(bits, &np) == nullptr) return -1;
-  if (G <= 0 || G % 8 != 0 || G > 1024) return -2;
+  if (G <= 0 || G % 8 != 0 || G > RS_MAX_GROUP_SIZE) return -2;
   if (K <= 0 || N < 0 || ng != (K + G - 1) / G) return -3;
   if (mode == 0 && (M < 0 || (act_bits != 0 && act_bits != 8))) return -4;
   if (N == 0 || (mode == 0 && M == 0)) return 0;
 
-  const int ntables = bits == 8 ? 1 : 4;
+  const int ntables = bits == RS_UNIFORM_BITS ? 1 : RS_TABLES;
   std::vector<float> lv(static_cast<size_t>(ntables) << bits);
   for (size_t i = 0; i < lv.size(); ++i) lv[i] = static_cast<float>(levels[i]);
   Layer L{codes, groups, row_scale, has_bias ? bias : nullptr, N, K, G, ng, bits,

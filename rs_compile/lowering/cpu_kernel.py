@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rs_compile.codec.activations import quantize_activations
-from rs_compile.codec.format import Format, decode_weight, level_table
+import rs_compile.codec.activations as codec_activations
+import rs_compile.codec.format as codec_format
+from rs_compile.codec.activations import ACT_BITS, quantize_activations
+from rs_compile.codec.format import SUPPORTED_BITS, Format, decode_weight, level_table, pack_groups
 
 ENV_VAR = "RS_COMPILE_CPU_KERNEL"  # "0" disables the kernel (the reference path runs instead)
 GEMV_MAX_ROWS = 16  # rows at or below which the fused GEMV runs; above: decode tiles + BLAS (measured
@@ -61,8 +63,23 @@ def _build():
         cache: dict = {}
         call_entry_function = "return PyLong_FromLongLong(kernel({}));"
 
-    source = Path(__file__).with_suffix(".cpp").read_text()
+    source = format_defines() + Path(__file__).with_suffix(".cpp").read_text()
     return Bindings.load_pybinding(_ARGTYPES, source, needs_vec_isa=False)
+
+
+def format_defines() -> str:
+    """The ``#define``s the C++ source is built with: the format's constants, read from
+    rs_compile.codec.format (and the activation rounding's) when the kernel is built, so that it
+    cannot drift from them; they are part of the source text Inductor's build cache is keyed on."""
+    planes = " ".join(f"X({bits}, {', '.join(map(str, codec_format.PLANES[bits]))})"
+                      for bits in SUPPORTED_BITS)
+    defines = {"RS_CURVATURE_BITS": codec_format.CURVATURE_BITS,
+               "RS_TABLES": len(codec_format.CURVATURES),
+               "RS_UNIFORM_BITS": codec_format.UNIFORM_BITS,
+               "RS_FORMAT_PLANES(X)": planes,  # X(bits, plane widths...) per supported width
+               "RS_ACT_TOP": f"{float(codec_activations.ACT_TOP)}f",
+               "RS_MAX_GROUP_SIZE": MAX_GROUP_SIZE}
+    return "".join(f"#define {name} {value}\n" for name, value in defines.items())
 
 
 @functools.cache
@@ -83,16 +100,20 @@ def _call(kern, x, codes, groups, row_scale, bias, out, m, bits, group_size, in_
 
 def _random_layer(n, k, bits, group_size, seed):
     g = torch.Generator().manual_seed(seed)
-    spec = Format(bits, group_size).packed_specs(n, k)
+    fmt = Format(bits, group_size)
+    spec = fmt.packed_specs(n, k)
     codes = torch.randint(0, 256, spec["codes"][0], generator=g, dtype=torch.int32).to(torch.uint8)
-    groups = torch.randint(0, 256, spec["groups"][0], generator=g, dtype=torch.int32).to(torch.uint8)
+    # every step a group byte holds, with a valid table index (fewer tables than the index's bits
+    # can count would leave invalid bytes)
+    step = torch.randint(-fmt.max_step - 1, fmt.max_step + 1, spec["groups"][0], generator=g)
+    groups = pack_groups(step, torch.randint(0, fmt.tables, spec["groups"][0], generator=g), bits)
     row_scale = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(torch.bfloat16)
     return codes, groups, row_scale
 
 
 def _self_test(kern, flags: int = 0) -> None:
     """Kernel against the reference on small layers of every width (raises on a mismatch)."""
-    for bits in (2, 3, 4, 5, 8):
+    for bits in SUPPORTED_BITS:
         for group_size, k in ((32, 100), (64, 192), (128, 136)):
             codes, groups, row_scale = _random_layer(37, k, bits, group_size, seed=bits * 1000 + k)
             w = decode_weight(codes, groups, row_scale, bits, group_size, k)
@@ -103,7 +124,7 @@ def _self_test(kern, flags: int = 0) -> None:
             bias = torch.randn(37, generator=torch.Generator().manual_seed(k))
             for m in (1, 5):
                 x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k))
-                for act_bits in (0, 8):
+                for act_bits in ACT_BITS:
                     xr = quantize_activations(x, group_size) if act_bits else x
                     ref = F.linear(xr.double(), w.double(), bias.double())
                     bound = 1e-5 * (F.linear(xr.double().abs(), w.double().abs(), bias.double().abs()) + 1e-30)
@@ -202,7 +223,7 @@ def fast_checks_pass(x, codes, groups, row_scale, bias, bits, group_size, in_fea
     except ValueError:
         return False
     return (x.dtype == torch.float32 and x.shape[-1] == in_features and codes.shape == exp_codes
-            and groups.shape == exp_groups and row_scale.shape == (n,) and act_bits in (0, 8)
+            and groups.shape == exp_groups and row_scale.shape == (n,) and act_bits in ACT_BITS
             and codes.dtype == torch.uint8 and groups.dtype == torch.uint8
             and row_scale.dtype == torch.bfloat16 and codes.is_contiguous() and groups.is_contiguous()
             and (bias is None or (bias.shape == (n,) and bias.dtype == torch.float32))

@@ -146,7 +146,7 @@ def attention(
 def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float) -> Tensor:
     from rs_compile.lowering import install_lowerings  # imports this module
 
-    install_lowerings()  # as for rs::poincare_linear: a graph holding the op is being traced
+    install_lowerings()  # as for rs::linear: a graph holding the op is being traced
     check_inputs(q, k, v, mask)
     return q.new_empty(q.shape)
 

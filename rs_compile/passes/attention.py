@@ -39,6 +39,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from rs_compile.config import CompileConfig, EncodingConfig
 from rs_compile.report import AttentionRewrite, Report, module_name
 
 SDPA = torch._C._nn.scaled_dot_product_attention  # F.scaled_dot_product_attention is this object
@@ -533,9 +534,11 @@ def find_attention(graph: fx.Graph, report: Report) -> list[AttentionMatch]:
     return matches
 
 
-def rewrite_attention(rw, config, report: Report) -> int:
-    """Rewrite every matched attention of ``rw`` (a GraphRewrite) into ``rs::attention``."""
-    if not config.attention:
+def rewrite_attention(rw, encoding: EncodingConfig, compile_config: CompileConfig,
+                      report: Report) -> int:
+    """Rewrite every matched attention of ``rw`` (a GraphRewrite) into ``rs::attention`` (no
+    weight is encoded: ``encoding`` is there for the passes' common signature)."""
+    if not compile_config.attention:
         return 0
     import rs_compile.ops.attention  # noqa: F401  (registers rs::attention)
 

@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 from rs_compile.codec.encode import encode
+from rs_compile.config import CompileConfig, EncodingConfig
 from rs_compile.report import LinearRewrite, Report, _clean_path
 
 REASON = ("{shape} expert/3-D parameter stays dense: the compile pass compresses expert tensors "
@@ -99,9 +100,11 @@ def _grouped_uses(param: fx.Node, op) -> list[tuple[fx.Node, fx.Node]] | None:
     return uses or None
 
 
-def compress_grouped_experts(rw, config, report: Report) -> int:
+def compress_grouped_experts(rw, encoding: EncodingConfig, compile_config: CompileConfig,
+                             report: Report) -> int:
     """Rewrite ``grouped_mm_fallback`` expert matmuls on 3-D parameters into ``rs::expert_linear``
-    (module doc); returns how many parameters were compressed."""
+    (module doc) with an EncodingConfig and a CompileConfig; returns how many parameters were
+    compressed."""
     from rs_compile.experts import expert_linear  # noqa: F401  (registers rs::expert_linear)
     from rs_compile.passes.linear import input_tag
 
@@ -120,14 +123,15 @@ def compress_grouped_experts(rw, config, report: Report) -> int:
             continue
         name = parameter_name(node)
         e, n_out, n_in = w.shape
-        if min(n_out, n_in) < config.min_features:
-            report.skip(name, f"expert matrices {(n_out, n_in)} smaller than min_features={config.min_features}")
+        if min(n_out, n_in) < encoding.min_features:
+            report.skip(name, f"expert matrices {(n_out, n_in)} smaller than "
+                              f"min_features={encoding.min_features}")
             continue
         if not torch.isfinite(w).all():
             report.skip(name, "expert weights contain NaN/Inf values")
             continue
-        fmt = config.format
-        packed = _encode_experts(w, fmt, config.curvatures)
+        fmt = encoding.format
+        packed = _encode_experts(w, fmt, encoding.curvatures)
         inputs = [rw.add_input(f"{input_tag(name)}_{kind}", t)
                   for kind, t in zip(("codes", "groups", "row_scale"), packed)]
         for t, call in uses:
@@ -138,7 +142,7 @@ def compress_grouped_experts(rw, config, report: Report) -> int:
                 ids = graph.call_function(torch.bucketize, (rows, offs), {"right": True})
                 new = graph.call_function(torch.ops.rs.expert_linear.default,
                                           (x, ids, *inputs, fmt.bits, fmt.group_size, n_in,
-                                           config.act_bits))
+                                           compile_config.act_bits))
             new.meta.update({k: v for k, v in call.meta.items() if k != "example_value"})
             call.replace_all_uses_with(new)
             graph.erase_node(call)

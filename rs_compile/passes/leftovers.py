@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from rs_compile.config import CompileConfig, EncodingConfig
 from rs_compile.passes.linear import ADDMM, LINEAR, MATMUL, _arg, _is_call, resolve_weight
 from rs_compile.report import Report, _clean_path, module_name
 
@@ -47,13 +48,13 @@ def parameter_label(node: fx.Node) -> str:
     return path[: -len(".weight")] if path.endswith(".weight") else path
 
 
-def _is_weight(rw, node, config) -> bool:
+def _is_weight(rw, node, encoding: EncodingConfig) -> bool:
     """A 2-D floating-point parameter at least ``min_features`` on each side."""
     if not isinstance(node, fx.Node) or not rw.is_parameter(node):
         return False
     t = rw.value_of(node)
     return (isinstance(t, torch.Tensor) and t.dim() == 2 and t.is_floating_point()
-            and min(t.shape) >= config.min_features)
+            and min(t.shape) >= encoding.min_features)
 
 
 def _parameter_sources(rw, node: fx.Node, limit: int = 12) -> list[fx.Node] | None:
@@ -78,8 +79,10 @@ def _parameter_sources(rw, node: fx.Node, limit: int = 12) -> list[fx.Node] | No
     return params or None
 
 
-def report_dense_weights(rw, config, report: Report) -> int:
-    """Skip entries for the weights described in the module docstring; returns how many."""
+def report_dense_weights(rw, encoding: EncodingConfig, compile_config: CompileConfig,
+                         report: Report) -> int:
+    """Skip entries for the weights described in the module docstring; returns how many
+    (``compile_config``: unused, the passes' common signature)."""
     reported: set[fx.Node] = set()
     count = 0
     for node in rw.gm.graph.nodes:
@@ -88,7 +91,7 @@ def report_dense_weights(rw, config, report: Report) -> int:
         if node.target in FUSED:
             name = getattr(node.target, "__name__", str(node.target))
             for arg in node.all_input_nodes:
-                if arg in reported or not _is_weight(rw, arg, config):
+                if arg in reported or not _is_weight(rw, arg, encoding):
                     continue
                 reported.add(arg)
                 count += 1
@@ -109,7 +112,7 @@ def report_dense_weights(rw, config, report: Report) -> int:
         if not isinstance(weight, fx.Node) or resolve_weight(weight) is not None:
             continue  # a stored tensor: compress_linears rewrote it or reported why not
         params = _parameter_sources(rw, weight)
-        if not params or not any(_is_weight(rw, p, config) for p in params):
+        if not params or not any(_is_weight(rw, p, encoding) for p in params):
             continue
         count += 1
         names = sorted({parameter_label(p) for p in params})

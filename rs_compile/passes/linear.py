@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from rs_compile.codec.encode import encode_parameter
+from rs_compile.config import CompileConfig, EncodingConfig
 from rs_compile.modules import PACKED
 from rs_compile.report import LinearRewrite, Report, module_name
 
@@ -175,8 +176,8 @@ def needs_grad(rw, w, consumers) -> bool:
             and any(rw.grad_enabled(n) for n in consumers))
 
 
-def skip_reason(w, config, outside: list[fx.Node], mutated: bool,
-                trained: bool = False) -> str | None:
+def skip_reason(w, encoding: EncodingConfig, compile_config: CompileConfig, outside: list[fx.Node],
+                mutated: bool, trained: bool = False) -> str | None:
     """Why a matched weight stays dense, or None when it can be compressed. ``trained``: the
     weight receives a gradient in this graph (see :func:`needs_grad`)."""
     if not isinstance(w, torch.Tensor):
@@ -185,13 +186,13 @@ def skip_reason(w, config, outside: list[fx.Node], mutated: bool,
         return f"weight dtype {w.dtype} is not floating point"
     if w.dim() != 2:
         return f"weight is {w.dim()}-D, expected 2-D"
-    if min(w.shape) < config.min_features:
-        return f"weight {tuple(w.shape)} smaller than min_features={config.min_features}"
+    if min(w.shape) < encoding.min_features:
+        return f"weight {tuple(w.shape)} smaller than min_features={encoding.min_features}"
     if mutated:
         return "weight is mutated in the graph (compressing would freeze a stale copy)"
-    if trained and not config.frozen_weights:
+    if trained and not compile_config.frozen_weights:
         return FROZEN_REASON
-    if outside and not config.compress_tied:
+    if outside and not encoding.compress_tied:
         names = sorted({n.name for n in outside})
         return (f"weight is also read by {names} (tied); compressing would keep a dense copy "
                 "beside the codes - set compress_tied=True to compress it anyway")
@@ -200,14 +201,15 @@ def skip_reason(w, config, outside: list[fx.Node], mutated: bool,
     return None
 
 
-def reencoder(stored_in_out: bool, config) -> Callable:
+def reencoder(stored_in_out: bool, encoding: EncodingConfig) -> Callable:
     """Packed tensors of an edited weight (GraphRewrite.add_derived's ``rebuild``)."""
-    return lambda ws: encode_parameter(ws[0], stored_in_out, config.format, config.curvatures).tensors()
+    return lambda ws: encode_parameter(ws[0], stored_in_out, encoding.format,
+                                       encoding.curvatures).tensors()
 
 
-def act_bits_kwargs(config) -> dict:
+def act_bits_kwargs(compile_config: CompileConfig) -> dict:
     """The op's ``act_bits`` keyword, left out at its default so graphs print as before."""
-    return {"act_bits": config.act_bits} if config.act_bits else {}
+    return {"act_bits": compile_config.act_bits} if compile_config.act_bits else {}
 
 
 def weight_owner(rw, node: fx.Node) -> str | None:
@@ -242,7 +244,8 @@ def rewrite_name(rw, m: LinearMatch) -> str:
     return name
 
 
-def compress_linears(rw, config, report: Report) -> int:
+def compress_linears(rw, encoding: EncodingConfig, compile_config: CompileConfig,
+                     report: Report) -> int:
     """Rewrite every matched linear of ``rw`` (a GraphRewrite); returns the number rewritten.
 
     A weight read by several calls (ALBERT's shared layers) is encoded once, its codes are one
@@ -278,16 +281,17 @@ def compress_linears(rw, config, report: Report) -> int:
         w = m.weight_tensor if m.weight_tensor is not None else rw.value_of(m.weight)
         if m.weight not in encoded:
             outside = [] if m.pattern == "call_module" else readers_outside(m.weight, consumers_of[m.weight])
-            reason = skip_reason(w, config, outside, m.pattern != "call_module" and is_mutated(m.weight),
+            reason = skip_reason(w, encoding, compile_config, outside,
+                                 m.pattern != "call_module" and is_mutated(m.weight),
                                  needs_grad(rw, w, consumers_of[m.weight]))
             if reason:
                 report.skip(name, reason)
                 encoded[m.weight] = None
                 continue
-            enc = encode_parameter(w, m.stored_in_out, config.format, config.curvatures)
+            enc = encode_parameter(w, m.stored_in_out, encoding.format, encoding.curvatures)
             nodes = tuple(rw.add_derived(  # re-encoded when the parameter is edited after compiling
                 [f"{input_tag(name)}_{kind}" for kind in PACKED], enc.tensors(),
-                [w if m.pattern == "call_module" else m.weight], reencoder(m.stored_in_out, config)))
+                [w if m.pattern == "call_module" else m.weight], reencoder(m.stored_in_out, encoding)))
             encoded[m.weight] = (enc, nodes, None)
         if encoded[m.weight] is None:
             continue
@@ -299,7 +303,7 @@ def compress_linears(rw, config, report: Report) -> int:
             new = graph.call_function(
                 torch.ops.rs.linear.default,
                 (current(m.x), *nodes, bias, enc.bits, enc.group_size, enc.in_features),
-                act_bits_kwargs(config),
+                act_bits_kwargs(compile_config),
             )
         new.meta.update({k: v for k, v in m.node.meta.items() if k != "example_value"})
         m.node.replace_all_uses_with(new)

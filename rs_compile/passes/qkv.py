@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from rs_compile.codec.encode import encode_parameter
+from rs_compile.config import CompileConfig, EncodingConfig
 from rs_compile.modules import PACKED
 from rs_compile.passes.linear import (
     act_bits_kwargs,
@@ -48,7 +49,8 @@ def projection_groups(rw) -> list[list[LinearMatch]]:
     return [g for g in groups.values() if len(g) == 3]
 
 
-def _skip_reason(rw, config, m: LinearMatch, consumers: set[fx.Node]) -> str | None:
+def _skip_reason(rw, encoding: EncodingConfig, compile_config: CompileConfig, m: LinearMatch,
+                 consumers: set[fx.Node]) -> str | None:
     """Why one projection cannot join the fused op (the same rules as compress_linears).
     ``consumers``: the projections fused with these weights (several when layers share them)."""
     if not rw.is_parameter(m.weight):
@@ -59,14 +61,15 @@ def _skip_reason(rw, config, m: LinearMatch, consumers: set[fx.Node]) -> str | N
         return "bias requires grad: the fused op's bias is a concatenated copy that gets no gradient"
     outside = readers_outside(m.weight, consumers)
     w = rw.value_of(m.weight)
-    return skip_reason(w, config, outside, is_mutated(m.weight), needs_grad(rw, w, consumers))
+    return skip_reason(w, encoding, compile_config, outside, is_mutated(m.weight),
+                       needs_grad(rw, w, consumers))
 
 
-def _pack(layout: tuple, config, weights, biases) -> tuple[list, list, torch.Tensor | None]:
+def _pack(layout: tuple, encoding: EncodingConfig, weights, biases) -> tuple[list, list, torch.Tensor | None]:
     """(encodings, concatenated packed tensors, concatenated bias or None) of projections with
     ``weights`` and ``biases`` (one per projection that has one); ``layout`` holds each one's
     (stored_in_out, has_bias)."""
-    encs = [encode_parameter(w, stored_in_out, config.format, config.curvatures)
+    encs = [encode_parameter(w, stored_in_out, encoding.format, encoding.curvatures)
             for (stored_in_out, _), w in zip(layout, weights)]
     packed = [torch.cat(ts) for ts in zip(*(e.tensors() for e in encs))]
     if not biases:
@@ -79,19 +82,19 @@ def _pack(layout: tuple, config, weights, biases) -> tuple[list, list, torch.Ten
     return encs, packed, bias
 
 
-def _fused_inputs(rw, config, group: list[LinearMatch]):
+def _fused_inputs(rw, encoding: EncodingConfig, group: list[LinearMatch]):
     """Encoded weights, output sizes, and the new inputs (codes..., bias) of one fused op; the
     inputs are re-encoded when the weights or biases are edited after compiling."""
     biases = [m.bias for m in group if m.bias is not None]
     sources = [m.weight for m in group] + biases
     layout = tuple((m.stored_in_out, m.bias is not None) for m in group)
-    encs, packed, bias_value = _pack(layout, config, [rw.value_of(m.weight) for m in group],
+    encs, packed, bias_value = _pack(layout, encoding, [rw.value_of(m.weight) for m in group],
                                      [rw.value_of(b) for b in biases])
     tag = "_".join(filter(None, (input_tag(_parent(group[0].node)), "qkv")))
     names = [f"{tag}_{kind}" for kind in PACKED] + ([f"{tag}_bias"] if biases else [])
 
     def rebuild(ts):
-        _, packed, bias = _pack(layout, config, ts[:len(layout)], ts[len(layout):])
+        _, packed, bias = _pack(layout, encoding, ts[:len(layout)], ts[len(layout):])
         return [*packed, *([bias] if bias is not None else [])]
 
     nodes = rw.add_derived(names, [*packed, *([bias_value] if biases else [])], sources, rebuild)
@@ -99,7 +102,8 @@ def _fused_inputs(rw, config, group: list[LinearMatch]):
     return encs, [e.out_features for e in encs], nodes[:len(PACKED)], bias
 
 
-def _fuse(rw, config, group: list[LinearMatch], inputs, report: Report, entries: list | None) -> list:
+def _fuse(rw, compile_config: CompileConfig, group: list[LinearMatch], inputs, report: Report,
+          entries: list | None) -> list:
     """Replace ``group`` by one op over ``inputs``; ``entries`` are the report rows of an earlier
     group sharing these weights (their ``calls`` grow), None for the first."""
     graph = rw.gm.graph
@@ -110,7 +114,7 @@ def _fuse(rw, config, group: list[LinearMatch], inputs, report: Report, entries:
         fused = graph.call_function(
             torch.ops.rs.linear.default,
             (group[0].x, *nodes, bias, e.bits, e.group_size, e.in_features),
-            act_bits_kwargs(config))
+            act_bits_kwargs(compile_config))
         parts = graph.call_function(torch.split, (fused, sizes), {"dim": -1})
         outs = [graph.call_method("contiguous", (graph.call_function(operator.getitem, (parts, i)),))
                 for i in range(len(group))]
@@ -138,12 +142,13 @@ def _fuse(rw, config, group: list[LinearMatch], inputs, report: Report, entries:
     return entries if entries is not None else new_entries
 
 
-def fuse_qkv_projections(rw, config, report: Report) -> int:
+def fuse_qkv_projections(rw, encoding: EncodingConfig, compile_config: CompileConfig,
+                         report: Report) -> int:
     """Fuse every q/k/v projection triple of ``rw`` (a GraphRewrite); returns the number fused.
 
     Triples reading the same three weights (ALBERT calls one layer's modules in every layer) share
     one set of fused codes, encoded once and reported once."""
-    if not config.fuse_qkv:
+    if not compile_config.fuse_qkv:
         return 0
     from rs_compile.ops.linear import linear  # noqa: F401  (registers rs::linear)
 
@@ -155,14 +160,14 @@ def fuse_qkv_projections(rw, config, report: Report) -> int:
         consumers = {m.node for group in groups for m in group}
         group = groups[0]
         reasons = [(module_name(m.node), r) for m in group
-                   if (r := _skip_reason(rw, config, m, consumers))]
+                   if (r := _skip_reason(rw, encoding, compile_config, m, consumers))]
         if reasons:
             name, reason = reasons[0]
             report.skip(_parent(group[0].node), f"q/k/v projections not fused: {name}: {reason}")
             continue
-        inputs, entries = _fused_inputs(rw, config, group), None
+        inputs, entries = _fused_inputs(rw, encoding, group), None
         for group in groups:
-            entries = _fuse(rw, config, group, inputs, report, entries)
+            entries = _fuse(rw, compile_config, group, inputs, report, entries)
             count += 1
     report.fused_qkv += count
     return count

@@ -25,7 +25,7 @@ import torch
 
 import rs_compile
 from rs_compile.backend import _static_fakes
-from rs_compile.config import CompressionConfig
+from rs_compile.config import split_options
 from rs_compile.lowering import install_lowerings
 from rs_compile.lowering.cache import inductor_config_patches
 from rs_compile.models import configs
@@ -35,7 +35,7 @@ from rs_compile.passes.linear import compress_linears
 from rs_compile.passes.qkv import fuse_qkv_projections
 from rs_compile.report import Report
 
-CONFIG = CompressionConfig(bits=8)
+CONFIGS = split_options({"bits": 8})  # (EncodingConfig, CompileConfig)
 LAYERS = 2
 MODELS = {"gpt2": (configs.gpt2, 0), "bert": (configs.bert, 2), "llama": (configs.llama, 2)}
 LENGTHS = (8, 13)
@@ -47,8 +47,8 @@ CASES = [("gpt2", "eager", True), ("gpt2", "sdpa", False), ("bert", "eager", Fal
 class AttentionBackend:
     """compile_graph with rewrite_attention and fuse_qkv_projections; Inductor optional."""
 
-    def __init__(self, config=CONFIG, inductor=True):
-        self.config, self.inductor = config, inductor
+    def __init__(self, configs=CONFIGS, inductor=True):
+        self.configs, self.inductor = configs, inductor
         self.compiles: list[tuple[Report, bool]] = []  # per graph: its report, dynamic shapes?
 
     def __call__(self, gm, example_inputs):
@@ -58,7 +58,7 @@ class AttentionBackend:
         rw = GraphRewrite(gm, example_inputs)
         report = Report()
         for rewrite in (rewrite_attention, fuse_qkv_projections, compress_linears):
-            rewrite(rw, self.config, report)
+            rewrite(rw, *self.configs, report)
         new_gm = rw.finish()
         dynamic = any(isinstance(n.meta.get("example_value"), torch.SymInt)
                       for n in gm.graph.nodes if n.op == "placeholder")
@@ -89,7 +89,7 @@ def compiled(request):
     name, attn, inductor = request.param
     build, fused = MODELS[name]
     model = build("tiny", attn_implementation=attn)
-    reference = rs_compile.convert(copy.deepcopy(model), bits=CONFIG.bits, embeddings=False)
+    reference = rs_compile.convert(copy.deepcopy(model), bits=CONFIGS[0].bits, embeddings=False)
     torch._dynamo.reset()  # the first length compiles static, the second dynamic
     backend = AttentionBackend(inductor=inductor)
     opt = torch.compile(model, backend=backend)
@@ -155,7 +155,7 @@ def test_unpadded_causal_mask_becomes_the_causal_flag(name):
     causal=True and no mask (what lets the flash kernel skip the upper triangle at T = 1024)."""
     model = MODELS[name][0]("tiny", attn_implementation="eager")
     torch._dynamo.reset()
-    backend = AttentionBackend(CompressionConfig(min_features=2**31 - 1), inductor=False)
+    backend = AttentionBackend(split_options({"min_features": 2**31 - 1}), inductor=False)
     opt = torch.compile(model, backend=backend)
     with torch.no_grad():
         for t in LENGTHS:

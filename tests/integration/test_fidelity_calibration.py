@@ -8,7 +8,7 @@ from torch import nn
 
 import rs_compile
 from rs_compile.calibration import ALLOCATION_BITS, Layer, allocate_bits
-from rs_compile.config import CompressionConfig
+from rs_compile.config import EncodingConfig
 
 
 class Mlp(nn.Module):
@@ -125,8 +125,8 @@ def test_allocation_is_optimal_for_the_size_it_uses():
     for n in shapes:
         base = float(torch.rand(1, generator=g)) * 10
         sens.update({(n, 3): base * 4.5, (n, 4): base, (n, 5): base / 4, (n, 8): base / 200})
-    config = CompressionConfig(bit_budget=4.6)
-    choice = allocate_bits(layers, sens, config)
+    encoding = EncodingConfig(bit_budget=4.6)
+    choice = allocate_bits(layers, sens, encoding)
 
     def size(c):  # bytes: per row, per group of 32 4 * b code bytes + a group byte, + a bf16 row scale
         return sum(shapes[n][0] * (-(-shapes[n][1] // 32) * (4 * b + 1) + 2) for n, b in c.items())

@@ -67,7 +67,7 @@ with torch.no_grad(), config.patch(fx_graph_cache=False):
     _, code = run_and_get_code(torch.compile(model, backend="inductor"), torch.randn(1, 256))
 passes = config.post_grad_custom_post_pass
 print(json.dumps({"unchanged_until_compile": unchanged,
-                  "reference_call": "torch.ops.rs.poincare_linear.default(" in "\\n".join(code),
+                  "reference_call": "torch.ops.rs.linear.default(" in "\\n".join(code),
                   "passes": [type(p).__name__ for p in passes], "user_calls": UserPass.calls}))
 """)
     assert out == {"unchanged_until_compile": True, "reference_call": False,

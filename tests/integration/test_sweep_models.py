@@ -22,7 +22,7 @@ from torch import nn
 
 import rs_compile
 from rs_compile.codec.encode import encode
-from rs_compile.config import CompressionConfig
+from rs_compile.config import split_options
 from rs_compile.modules import CompressedLinear
 from rs_compile.passes.attention import rewrite_attention
 from rs_compile.passes.graph import GraphRewrite
@@ -33,7 +33,7 @@ from rs_compile.report import Report
 
 transformers = pytest.importorskip("transformers")
 
-CONFIG = CompressionConfig()
+ENCODING, COMPILE = split_options()
 PASSES = (rewrite_attention, fuse_qkv_projections, compress_linears, report_dense_weights)
 TOL = dict(rtol=1e-4, atol=1e-4)  # decoded reference: only the op's summation order differs
 
@@ -48,7 +48,7 @@ class Capture:
     def __call__(self, gm, example_inputs):
         rw = GraphRewrite(gm, example_inputs)
         for p in PASSES:
-            p(rw, CONFIG, self.report)
+            p(rw, ENCODING, COMPILE, self.report)
         new = rw.finish()  # lint + recompile: where items 8's crashes surfaced
         self.graphs.append(new)
         extras = tuple(rw.extra_inputs)
@@ -74,8 +74,8 @@ def decoded(model: nn.Module, names) -> nn.Module:
     for name in names:
         layer = ref.get_submodule(name)
         w = layer.weight
-        layer.weight.data = encode(w.detach(), CONFIG.format,
-                                   curvatures=CONFIG.curvatures).dequantize().to(w.dtype)
+        layer.weight.data = encode(w.detach(), ENCODING.format,
+                                   curvatures=ENCODING.curvatures).dequantize().to(w.dtype)
     return ref
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rs_compile
-from rs_compile.config import CompressionConfig
+from rs_compile.config import split_options
 from rs_compile.passes.attention import rewrite_attention
 from rs_compile.passes.graph import GraphRewrite
 from rs_compile.passes.linear import compress_linears
@@ -25,20 +25,20 @@ from rs_compile.passes.qkv import fuse_qkv_projections
 from rs_compile.report import Report, readable_graph
 
 B, H, HKV, D = 2, 4, 2, 16
-BITS8 = CompressionConfig(bits=8)
+BITS8 = split_options({"bits": 8})  # (EncodingConfig, CompileConfig)
 
 
 class Capture:
     """Dynamo backend: run ``passes`` on each graph, then execute the rewritten graph eagerly."""
 
-    def __init__(self, passes=(rewrite_attention,), config=BITS8):
-        self.passes, self.config = passes, config
+    def __init__(self, passes=(rewrite_attention,), configs=BITS8):
+        self.passes, self.configs = passes, configs
         self.report = Report()
         self.compiles = []  # (rewrite counts per pass, dynamic?, rewritten GraphModule)
 
     def __call__(self, gm, example_inputs):
         rw = GraphRewrite(gm, example_inputs)
-        counts = [p(rw, self.config, self.report) for p in self.passes]
+        counts = [p(rw, *self.configs, self.report) for p in self.passes]
         new = rw.finish()
         dynamic = any(isinstance(n.meta.get("example_value"), torch.SymInt)
                       for n in gm.graph.nodes if n.op == "placeholder")
@@ -304,7 +304,7 @@ def test_causal_rule_mask_is_folded_only_when_exact(case):
 
 
 def test_attention_option_off_rewrites_nothing():
-    cap = Capture(config=CompressionConfig(bits=8, attention=False))
+    cap = Capture(configs=split_options({"bits": 8, "attention": False}))
     cap, _, _ = run(gpt2_eager, [(*qkv(8), padding_mask(8))], cap)
     assert cap.compiles[0][0] == [0] and cap.report.skipped == []
 
@@ -359,7 +359,7 @@ def test_qkv_fusion_matches_converted_model(bias):
 
 
 def test_qkv_fusion_respects_linear_skip_rules():
-    cap = Capture(ALL_PASSES, CompressionConfig(bits=8, min_features=48))
+    cap = Capture(ALL_PASSES, split_options({"bits": 8, "min_features": 48}))
     cap, _, _ = run(tiny_attention(), [block_inputs(8)], cap)
     assert cap.compiles[0][0] == [1, 0, 2]  # q_proj, o_proj compressed alone; k/v stay dense
     assert cap.report.skipped[0].reason == (
@@ -367,7 +367,7 @@ def test_qkv_fusion_respects_linear_skip_rules():
 
 
 def test_qkv_fusion_option_off():
-    cap = Capture(ALL_PASSES, CompressionConfig(bits=8, fuse_qkv=False))
+    cap = Capture(ALL_PASSES, split_options({"bits": 8, "fuse_qkv": False}))
     cap, _, _ = run(tiny_attention(), [block_inputs(8)], cap)
     assert cap.compiles[0][0] == [1, 0, 4] and cap.report.fused_qkv == 0
 

@@ -115,7 +115,7 @@ def test_fake_quantized_storage_is_the_hand_count():
 def test_ours_student_computes_what_the_converted_model_computes(embeddings):
     model = tied_llama()
     ids = torch.randint(0, 1024, (2, 9), generator=torch.Generator().manual_seed(3))
-    student = methods.ours(rs_compile.CompressionConfig(embeddings=embeddings))(model)
+    student = methods.ours({"embeddings": embeddings})(model)
     converted = rs_compile.convert(tied_llama(), embeddings=embeddings)
     with torch.no_grad():
         torch.testing.assert_close(student.model(ids).logits, converted(ids).logits,
