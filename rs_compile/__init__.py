@@ -4,6 +4,7 @@ hyperbolic (Poincare-ball) weight codes.
     torch.compile(model, backend="realitystone")     # compress at compile time
     rs_compile.convert(model)                        # compress once, in place
     rs_compile.inspect(model, *inputs)               # what was rewritten, what was not, and why
+    rs_compile.export(model, inputs, "m.pt2")        # a converted model as an AOTInductor package
 
 Importing rs_compile changes nothing in torch: the Inductor lowerings of the rs ops are installed
 on first use (rs_compile.lowering.install_lowerings), and the submodules that pull in Inductor,
@@ -13,6 +14,7 @@ transformers or the models (``hub``, ``generation``, ``demo``, ...) load on firs
 import importlib
 from typing import Any
 
+from rs_compile.aoti import export
 from rs_compile.backend import backend, realitystone
 from rs_compile.config import CompressionConfig
 from rs_compile.convert import convert
@@ -25,8 +27,8 @@ from rs_compile.serialization import load, save
 register_triton_kernels()  # CUDA implementations, only when a Triton GPU driver is active
 
 __version__ = "0.1.0"
-__all__ = ["CompressionConfig", "CompressedLinear", "Report", "backend", "convert", "inspect",
-           "load", "realitystone", "save"]
+__all__ = ["CompressionConfig", "CompressedLinear", "Report", "backend", "convert", "export",
+           "inspect", "load", "realitystone", "save"]
 _SUBMODULES = ("bench", "calibration", "cli", "codec", "demo", "eval", "generation", "hub",
                "hyperbolic", "kernels", "lowering", "models", "ops", "passes")
 
