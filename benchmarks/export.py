@@ -1,15 +1,16 @@
 """Per-call cost of an rs_compile.export package (AOTInductor) against the same converted model
-compiled by torch.compile (Inductor) and run eagerly, on random-weight GPT-2 LMs.
+compiled by torch.compile (Inductor) and run eagerly.
 
-    PYTHONPATH=$PWD python benchmarks/export.py [--sizes tiny small] [--seq 1 32] [--calls 20]
-                                                [--rounds 5] [--threads 1]
+    PYTHONPATH=$PWD python benchmarks/export.py [--models gpt2-tiny gpt2-small linear-3072x768]
+                                                [--seq 1 32] [--calls 20] [--rounds 5] [--threads 1]
 
-For each size: convert (4-bit linears, 5-bit tied embedding), export with a dynamic sequence
-length (torch.export.Dim, 1..256), load the package in this process, and time ``logits =
-f(input_ids)`` (no KV cache: a ``--seq 1`` call is decode-shaped, every linear has one row) for
-the eager model, ``torch.compile(model)`` and the package, interleaved over ``--rounds`` rounds
-of ``--calls`` calls each; the median call of each is reported, and the package's ratio to the
-compiled model. Outputs are compared (max |difference| of the logits) before timing.
+Models: random-weight GPT-2 LMs (``input_ids -> logits``, no KV cache, so a ``--seq 1`` call is
+decode-shaped: every linear has one row) and one 3072x768 Linear (GPT-2 small's MLP), converted
+with the defaults (4-bit linears, 5-bit tied embedding). Each is exported with a dynamic sequence
+length (torch.export.Dim, 1..256), the package loaded in this process, and ``f(x)`` timed for the
+eager model, ``torch.compile(model)`` and the package, interleaved over ``--rounds`` rounds of
+``--calls`` calls each; the median call of each is reported, with the package's ratio to the
+compiled model. Outputs are compared (max |difference|) before timing.
 """
 
 from __future__ import annotations
@@ -52,36 +53,54 @@ def per_call(fns: dict, ids: torch.Tensor, calls: int, rounds: int) -> dict[str,
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def run(size: str, seqs: list[int], calls: int, rounds: int, folder: Path) -> None:
+def gpt2(size: str):
+    """(model, inputs of n tokens) for a converted random-weight GPT-2 LM."""
     model = Logits(rs_compile.convert(configs.gpt2(size))).eval()
     vocab = model.lm.config.vocab_size
+    return model, lambda n, gen: torch.randint(0, vocab, (1, n), generator=gen)
+
+
+def layer(out_features: int, in_features: int):
+    """(model, inputs of n rows) for one converted Linear: the per-op cost without the rest."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features))
+    model = rs_compile.convert(model).eval()
+    return model, lambda n, gen: torch.randn(1, n, in_features, generator=gen)
+
+
+MODELS = {"gpt2-tiny": lambda: gpt2("tiny"), "gpt2-small": lambda: gpt2("small"),
+          "linear-3072x768": lambda: layer(3072, 768)}
+
+
+def run(name: str, seqs: list[int], calls: int, rounds: int, folder: Path) -> None:
+    model, inputs = MODELS[name]()
     gen = torch.Generator().manual_seed(0)
-    example = torch.randint(0, vocab, (1, 8), generator=gen)
+    example = inputs(8, gen)
     seq = torch.export.Dim("seq", min=1, max=256)
-    path = folder / f"gpt2-{size}.pt2"
+    path = folder / f"{name}.pt2"
     t = time.perf_counter()
-    rs_compile.export(model, (example,), path, {"input_ids": {1: seq}})
+    rs_compile.export(model, (example,), path, ({1: seq},))
     export_s = time.perf_counter() - t
     package = torch._inductor.aoti_load_package(str(path))
     compiled = torch.compile(model)
-    print(f"gpt2-{size}: package {path.stat().st_size / 2**20:.1f} MiB, export {export_s:.0f} s")
+    print(f"{name}: package {path.stat().st_size / 2**20:.1f} MiB, export {export_s:.0f} s")
     for n in seqs:
-        ids = torch.randint(0, vocab, (1, n), generator=gen)
+        x = inputs(n, gen)
         with torch.no_grad():
-            eager_out, compiled_out, package_out = model(ids), compiled(ids), package(ids)
+            eager_out, compiled_out, package_out = model(x), compiled(x), package(x)
         diff = max((package_out - compiled_out).abs().max().item(),
                    (package_out - eager_out).abs().max().item())
-        cost = per_call({"eager": model, "compiled": compiled, "package": package}, ids, calls,
+        cost = per_call({"eager": model, "compiled": compiled, "package": package}, x, calls,
                         rounds)
-        print(f"  seq {n:3d}: eager {cost['eager'] * 1e3:7.2f} ms, compiled "
-              f"{cost['compiled'] * 1e3:7.2f} ms, package {cost['package'] * 1e3:7.2f} ms "
+        print(f"  seq {n:3d}: eager {cost['eager'] * 1e3:7.3f} ms, compiled "
+              f"{cost['compiled'] * 1e3:7.3f} ms, package {cost['package'] * 1e3:7.3f} ms "
               f"(package / compiled {cost['package'] / cost['compiled']:.2f}); max |package - "
               f"compiled or eager| {diff:.2e}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(configs.GPT2_SIZES))
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--seq", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
@@ -93,8 +112,8 @@ def main() -> None:
     start = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{start}, load average {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as folder:
-        for size in args.sizes:
-            run(size, args.seq, args.calls, args.rounds, Path(folder))
+        for name in args.models:
+            run(name, args.seq, args.calls, args.rounds, Path(folder))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

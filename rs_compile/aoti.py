@@ -35,7 +35,8 @@ def _check_model(model: nn.Module) -> None:
                         "(model._orig_mod): torch.export traces the Python module, not its "
                         "compiled graphs")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"rs_compile.export: model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError("rs_compile.export: model must be an nn.Module, got "
+                        f"{type(model).__name__}")
     if not _compressed_layers(model):
         raise ValueError("rs_compile.export: the model has no compressed layers, so the package "
                          "would hold its dense weights; run rs_compile.convert(model) first (or, "
@@ -44,9 +45,9 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError("rs_compile.export: the model is in training mode, so dropout and other "
                          "training-only behaviour would be baked into the package; call "
                          "model.eval() first")
-    devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
-    if devices - {"cpu"}:
-        raise ValueError(f"rs_compile.export: the model has tensors on {sorted(devices - {'cpu'})}; "
+    others = {t.device.type for t in (*model.parameters(), *model.buffers())} - {"cpu"}
+    if others:
+        raise ValueError(f"rs_compile.export: the model has tensors on {sorted(others)}; "
                          "export packages CPU models only (rs_compile's fast kernels there): "
                          "model.to('cpu') first")
 
@@ -67,8 +68,8 @@ def _check_path(path: str | os.PathLike) -> Path:
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as e:
-        raise PermissionError(f"rs_compile.export: cannot write into {str(parent)!r} ({e.strerror}); "
-                              "choose a writable location for the package") from e
+        raise PermissionError(f"rs_compile.export: cannot write into {str(parent)!r} "
+                              f"({e.strerror}); choose a writable location for the package") from e
     return path
 
 
