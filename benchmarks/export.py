@@ -10,7 +10,9 @@ with the defaults (4-bit linears, 5-bit tied embedding). Each is exported with a
 length (torch.export.Dim, 1..256), the package loaded in this process, and ``f(x)`` timed for the
 eager model, ``torch.compile(model)`` and the package, interleaved over ``--rounds`` rounds of
 ``--calls`` calls each; the median call of each is reported, with the package's ratio to the
-compiled model. Outputs are compared (max |difference|) before timing.
+compiled model and, for those two, the median time per call spent in the linear layers' CPU
+path (``cpu_kernel.linear_cpu``: the kernel, or decode + BLAS), so that the rest (graph code,
+dispatch) is the difference. Outputs are compared (max |difference|) before timing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 import rs_compile
+from rs_compile.lowering import cpu_kernel
 from rs_compile.models import configs
 
 
@@ -40,17 +43,33 @@ class Logits(torch.nn.Module):
         return self.lm(input_ids=input_ids, use_cache=False).logits
 
 
-def per_call(fns: dict, ids: torch.Tensor, calls: int, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each function, rounds interleaved (a shared machine)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                for _ in range(calls):
-                    t = time.perf_counter()
-                    fn(ids)
-                    times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def per_call(fns: dict, ids: torch.Tensor, calls: int, rounds: int) -> dict[str, tuple]:
+    """Median seconds per call of each function and median seconds of it spent in the rs linear
+    CPU path (cpu_kernel.linear_cpu, which the compiled graph and the package both call; eager
+    modules call it without the module attribute, so their share reads 0), rounds interleaved."""
+    linear_cpu, spent = cpu_kernel.linear_cpu, [0.0]
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return linear_cpu(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    cpu_kernel.linear_cpu = timed
+    try:
+        with torch.no_grad():
+            for _ in range(rounds):
+                for name, fn in fns.items():
+                    for _ in range(calls):
+                        spent[0] = 0.0
+                        t = time.perf_counter()
+                        fn(ids)
+                        times[name].append((time.perf_counter() - t, spent[0]))
+    finally:
+        cpu_kernel.linear_cpu = linear_cpu
+    return {name: tuple(statistics.median(col) for col in zip(*ts)) for name, ts in times.items()}
 
 
 def gpt2(size: str):
@@ -92,10 +111,12 @@ def run(name: str, seqs: list[int], calls: int, rounds: int, folder: Path) -> No
                    (package_out - eager_out).abs().max().item())
         cost = per_call({"eager": model, "compiled": compiled, "package": package}, x, calls,
                         rounds)
-        print(f"  seq {n:3d}: eager {cost['eager'] * 1e3:7.3f} ms, compiled "
-              f"{cost['compiled'] * 1e3:7.3f} ms, package {cost['package'] * 1e3:7.3f} ms "
-              f"(package / compiled {cost['package'] / cost['compiled']:.2f}); max |package - "
-              f"compiled or eager| {diff:.2e}")
+        (eager, _), (comp, comp_k), (pack, pack_k) = (cost[k] for k in
+                                                      ("eager", "compiled", "package"))
+        print(f"  seq {n:3d}: eager {eager * 1e3:7.3f} ms, compiled {comp * 1e3:7.3f} ms "
+              f"(linear kernel path {comp_k * 1e3:.3f}), package {pack * 1e3:7.3f} ms (linear "
+              f"kernel path {pack_k * 1e3:.3f}); package / compiled {pack / comp:.2f}; max "
+              f"|package - compiled or eager| {diff:.2e}")
 
 
 def main() -> None:
