@@ -2,13 +2,13 @@
 
 Importing this package registers every rs op a converted model's graph can hold, including
 ``rs::cpu_linear``, which Inductor's lowering emits: what a process that loads an exported
-AOTInductor package (rs_compile.export) must import before ``aoti_load_package``.
+AOTInductor package (rs_compile.export) must import before ``aoti_load_package``. The submodules
+``attention``, ``cpu_linear`` and ``embedding`` stay modules here (their ops are
+``torch.ops.rs.*``); ``linear`` is the rs::linear op itself, as before.
 """
 
+import rs_compile.experts  # noqa: F401  (rs::expert_linear and its grouped / backward ops)
+from rs_compile.ops import attention, cpu_linear, embedding  # noqa: F401  (register the ops)
 from rs_compile.ops.linear import linear
-from rs_compile.ops.cpu_linear import cpu_linear
-from rs_compile.ops.embedding import embedding
-from rs_compile.ops.attention import attention
-from rs_compile.experts import expert_linear
 
-__all__ = ["attention", "cpu_linear", "embedding", "expert_linear", "linear"]
+__all__ = ["linear"]
