@@ -74,11 +74,12 @@ def _check_path(path: str | os.PathLike) -> Path:
 
 
 def export(model: nn.Module, example_inputs: tuple[Any, ...], path: str | os.PathLike,
-           dynamic_shapes: Any = None, *, example_kwargs: dict[str, Any] | None = None) -> Path:
+           dynamic_shapes: Any = None) -> Path:
     """Export a converted model (``rs_compile.convert``) to an AOTInductor package at ``path``.
 
-    ``example_inputs`` / ``example_kwargs`` and ``dynamic_shapes`` are torch.export's (e.g.
-    ``{"ids": {1: torch.export.Dim("seq", min=1, max=512)}}`` for a dynamic sequence length).
+    ``example_inputs`` (positional arguments; a lone tensor is wrapped in a tuple) and
+    ``dynamic_shapes`` are torch.export's, e.g. ``{"ids": {1: torch.export.Dim("seq", max=512)}}``
+    for a dynamic sequence length.
     Checks run before anything is traced: ``model`` must hold compressed layers, be in eval
     mode and on CPU, and ``path`` must be a writable ``.pt2`` file path. The model is not
     modified. Returns ``path``.
@@ -99,6 +100,5 @@ def export(model: nn.Module, example_inputs: tuple[Any, ...], path: str | os.Pat
 
     install_lowerings()
     with torch.no_grad():
-        program = torch.export.export(model, example_inputs, example_kwargs,
-                                      dynamic_shapes=dynamic_shapes)
+        program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
         return Path(aoti_compile_and_package(program, package_path=str(path)))
