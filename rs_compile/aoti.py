@@ -19,12 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from rs_compile.experts import CompressedExperts
 from rs_compile.modules import CompressedEmbedding, CompressedLinear
 
 
 def _compressed_layers(model: nn.Module) -> list[str]:
-    from rs_compile.experts import CompressedExperts
-
     kinds = (CompressedLinear, CompressedEmbedding, CompressedExperts)
     return [name for name, m in model.named_modules() if isinstance(m, kinds)]
 
