@@ -5,6 +5,7 @@ low-bit weight codes on level grids shaped by the Poincare ball's log map (rs_co
     rs_compile.convert(model)                        # compress once, in place
     rs_compile.inspect(model, *inputs)               # what was rewritten, what was not, and why
     rs_compile.compile_for_generation(model)         # static-cache, compiled HF generate
+    rs_compile.export(model, inputs, "m.pt2")        # a converted model as an AOTInductor package
 
 Options are the fields of ``EncodingConfig`` (the stored bytes) and ``CompileConfig`` (how the
 model runs), given as keywords to any of the above.
@@ -15,6 +16,7 @@ transformers or the models (``hub``, ``models``, ``demo``, ...) load on first at
 """
 
 from rs_compile._lazy import lazy_submodules
+from rs_compile.aoti import export
 from rs_compile.backend import backend, realitystone
 from rs_compile.config import CompileConfig, EncodingConfig
 from rs_compile.convert import convert
@@ -29,7 +31,7 @@ register_triton_kernels()  # CUDA implementations, only when a Triton GPU driver
 
 __version__ = "0.1.0"
 __all__ = ["CompileConfig", "CompressedLinear", "EncodingConfig", "Report", "backend",
-           "compile_for_generation", "convert", "inspect", "load", "realitystone", "save"]
+           "compile_for_generation", "convert", "export", "inspect", "load", "realitystone", "save"]
 # rs_compile.hub, rs_compile.models, ...: imported on first access
 __getattr__, __dir__ = lazy_submodules(__name__, (
     "bench", "calibration", "cli", "codec", "demo", "eval", "hub", "hyperbolic",

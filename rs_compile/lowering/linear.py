@@ -23,11 +23,8 @@ from rs_compile.codec.activations import quantize_activations
 from rs_compile.codec.format import decode_weight
 from rs_compile.lowering import cpu_kernel
 from rs_compile.lowering.registry import register
+from rs_compile.ops.cpu_linear import cpu_linear  # noqa: F401  (defines torch.ops.rs.cpu_linear)
 from rs_compile.ops.linear import linear  # noqa: F401  (defines torch.ops.rs.linear)
-
-_LIB = torch.library.Library("rs", "FRAGMENT")
-_LIB.define("cpu_linear(Tensor x, Tensor codes, Tensor groups, Tensor row_scale, Tensor? bias, "
-            "int bits, int group_size, int in_features, int act_bits) -> Tensor")
 
 
 def cpu_linear_out(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits, *,
@@ -37,24 +34,6 @@ def cpu_linear_out(x, codes, groups, row_scale, bias, bits, group_size, in_featu
     bias (if any) float32, and the graph was built only where the kernel applies."""
     return cpu_kernel.linear_cpu(x, codes, groups, row_scale, bias, bits, group_size, in_features,
                                  act_bits, out=out)
-
-
-def _cpu_linear(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits):
-    """``rs::cpu_linear`` through the dispatcher (eager calls, the C++ wrapper): same numbers as
-    rs::linear's CPU path, whose checks it repeats."""
-    from rs_compile.ops.linear import check_inputs
-
-    check_inputs(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits)
-    return cpu_kernel.linear_cpu(x, codes, groups, row_scale, bias, bits, group_size, in_features,
-                                 act_bits)
-
-
-_LIB.impl("cpu_linear", _cpu_linear, "CPU")
-
-
-@torch.library.register_fake("rs::cpu_linear")
-def _(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits):
-    return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
 def _kernel_applies(x, bits, group_size) -> bool:
