@@ -49,7 +49,7 @@ def main() -> None:
     tokens = converted.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
     print("greedy tokens:", tokens[0].tolist())
     with tempfile.TemporaryDirectory() as folder:
-        save_model(converted, folder)  # rs_compile.save + config.json (save_pretrained cannot)
+        save_model(converted, folder)  # rs_compile.save + config.json (or save_pretrained)
         reloaded, _ = load_model(folder)  # rebuilt on the meta device, no fp32 weights
         again = reloaded.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
     print("reloaded model generates the same tokens:", torch.equal(tokens, again))

@@ -6,6 +6,7 @@ low-bit weight codes on level grids shaped by the Poincare ball's log map (rs_co
     rs_compile.inspect(model, *inputs)               # what was rewritten, what was not, and why
     rs_compile.compile_for_generation(model)         # static-cache, compiled HF generate
     rs_compile.export(model, inputs, "m.pt2")        # a converted model as an AOTInductor package
+    AutoModelForCausalLM.from_pretrained(path, quantization_config=rs_compile.RealityStoneConfig())
 
 Options are the fields of ``EncodingConfig`` (the stored bytes) and ``CompileConfig`` (how the
 model runs), given as keywords to any of the above.
@@ -15,6 +16,10 @@ on first use (rs_compile.lowering.install_lowerings), and the submodules that pu
 transformers or the models (``hub``, ``models``, ``demo``, ...) load on first attribute access.
 """
 
+import importlib
+from typing import Any
+
+from rs_compile import hf_registration
 from rs_compile._lazy import lazy_submodules
 from rs_compile.aoti import export
 from rs_compile.backend import backend, realitystone
@@ -28,11 +33,19 @@ from rs_compile.report import Report
 from rs_compile.serialization import load, save
 
 register_triton_kernels()  # CUDA implementations, only when a Triton GPU driver is active
+hf_registration.install()  # quant_method "realitystone" for from_pretrained, once transformers loads
 
 __version__ = "0.1.0"
-__all__ = ["CompileConfig", "CompressedLinear", "EncodingConfig", "Report", "backend",
-           "compile_for_generation", "convert", "export", "inspect", "load", "realitystone", "save"]
+__all__ = ["CompileConfig", "CompressedLinear", "EncodingConfig", "RealityStoneConfig", "Report",
+           "backend", "compile_for_generation", "convert", "export", "inspect", "load", "realitystone",
+           "save"]
 # rs_compile.hub, rs_compile.models, ...: imported on first access
-__getattr__, __dir__ = lazy_submodules(__name__, (
-    "bench", "calibration", "cli", "codec", "demo", "eval", "hub", "hyperbolic",
-    "kernels", "lowering", "models", "ops", "passes"), globals())
+_submodule, __dir__ = lazy_submodules(__name__, (
+    "bench", "calibration", "cli", "codec", "demo", "eval", "hf_quantizer", "hub", "hyperbolic",
+    "kernels", "lora", "lowering", "models", "ops", "passes"), globals())
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RealityStoneConfig":  # imports transformers' quantizer registry (seconds): lazily
+        return importlib.import_module("rs_compile.hf_quantizer").RealityStoneConfig
+    return _submodule(name)

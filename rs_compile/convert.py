@@ -3,6 +3,7 @@ CompressedEmbedding (a tied output layer reading the embedding's codes), all or 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -73,7 +74,8 @@ def convert(
     Every new module is built before any is swapped in, so an error part-way (a NaN weight,
     a bad option) leaves the model exactly as it was. The report of what was converted and
     what was skipped (with reasons) is attached as ``model.rs_report``. A converted transformers
-    model's ``save_pretrained`` warns: it cannot store compressed layers (use rs_compile.hub.save_model).
+    model gets rs_compile's quantizer: its ``save_pretrained`` writes a checkpoint that
+    ``from_pretrained`` restores (rs_compile.hf_quantizer).
     """
     encoding, compile_config = split_options(options, encoding, compile_config)
     if isinstance(model, CompressedLinear):
@@ -143,10 +145,10 @@ def convert(
     new.update(find_experts(model, encoding, compile_config, report, progress))
     for name, module in new.items():
         model.set_submodule(name, module)
-    if new:
-        from rs_compile.serialization import warn_on_save_pretrained  # it imports this module
+    if new and callable(getattr(type(model), "save_pretrained", None)):
+        from rs_compile.hf_quantizer import enable_save_pretrained  # transformers is loaded already
 
-        warn_on_save_pretrained(model)
+        enable_save_pretrained(model, dataclasses.asdict(config))
     model.rs_report = report
     return model
 

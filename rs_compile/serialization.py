@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -48,12 +47,6 @@ TENSORS_FILE = "rs_compile.safetensors"
 META_FILE = "rs_compile.json"
 RESAVE = ("convert the original model with this rs_compile and save it again (rs_compile.save, "
           "rs_compile.hub.save_model or `rs-compile convert`)")
-SAVE_PRETRAINED_WARNING = (
-    "save_pretrained cannot store rs_compile's compressed layers: from_pretrained would rebuild "
-    "dense layers with random weights, a model that loads without error and outputs garbage. Save "
-    "with rs_compile.hub.save_model(model, path, tokenizer) (or rs_compile.save(model, path)) and "
-    "load with rs_compile.hub.load_model(path)."
-)
 
 
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -111,14 +104,14 @@ def _check_layer(where: str, name: str, m: Mapping, tensors: Mapping[str, torch.
             )
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` (converted or not) to the folder ``path``; returns the folder.
-
-    Refuses a model whose compressed layers no longer hold what the format stores (e.g. scales
-    cast by ``model.to(dtype)``), so that a file that saves also loads.
-    """
-    path = Path(path)
-    named = dict(_named_tensors(model))
+def pack(model: nn.Module, where: str,
+         names: set[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, meta)``: each tensor of ``model`` once (a second name of the same tensor becomes
+    an alias) and the checksummed metadata describing them, as :func:`save` writes them and
+    transformers' ``save_pretrained`` does through rs_compile.hf_quantizer. ``names`` keeps only
+    those names (a state dict's: no non-persistent buffers). ValueError (prefixed by ``where``)
+    for a model whose compressed layers no longer hold what the format stores."""
+    named = {n: t for n, t in _named_tensors(model) if names is None or n in names}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_name: dict[int, str] = {}
@@ -136,12 +129,23 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
                if isinstance(m, (*COMPRESSED, CompressedExperts))}
     for name, m in modules.items():
         if m.get("kind") == "experts":
-            check_experts(f"cannot save to {path}", name, m, named)
+            check_experts(where, name, m, named)
         else:
-            _check_layer(f"cannot save to {path}", name, m, named)
+            _check_layer(where, name, m, named)
     meta = {"format": FORMAT, "version": VERSION, "modules": modules, "aliases": aliases,
             "tensors": {n: _record(t) for n, t in tensors.items()}}
     meta["sha256"] = _meta_sha256(meta)
+    return tensors, meta
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` (converted or not) to the folder ``path``; returns the folder.
+
+    Refuses a model whose compressed layers no longer hold what the format stores (e.g. scales
+    cast by ``model.to(dtype)``), so that a file that saves also loads.
+    """
+    path = Path(path)
+    tensors, meta = pack(model, f"cannot save to {path}")
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path / TENSORS_FILE, metadata={"format": "pt"})
     (path / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -162,6 +166,12 @@ def read_meta(path: str | os.PathLike) -> dict:
         meta = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{file} is not valid JSON ({err}): the file is damaged; {RESAVE}") from None
+    return check_meta(meta, file)
+
+
+def check_meta(meta: object, file: str | os.PathLike) -> dict:
+    """``meta`` (what :func:`pack` wrote, read back from ``file``) once its format, version, maps
+    and checksum are verified; ValueError naming ``file`` otherwise."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{file} is not rs_compile metadata (no \"format\": {FORMAT!r})")
     if meta.get("version") != VERSION:
@@ -188,11 +198,18 @@ def _read_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     except SafetensorError as err:
         raise ValueError(f"{file} is not a readable safetensors file ({err}): it is damaged; "
                          f"restore it, or {RESAVE}") from None
+    check_tensors(tensors, meta, file)
+    return tensors
+
+
+def check_tensors(tensors: Mapping[str, torch.Tensor], meta: dict, file: str | os.PathLike) -> None:
+    """ValueError naming ``file`` unless ``tensors`` are exactly the ones ``meta`` records, each
+    with the recorded dtype, shape and sha256."""
     records: dict[str, dict] = meta["tensors"]
     if tensors.keys() != records.keys():
         extra, absent = sorted(tensors.keys() - records.keys()), sorted(records.keys() - tensors.keys())
-        raise ValueError(f"{file} does not hold the tensors {META_FILE} lists: tensors not listed "
-                         f"{extra[:8]}, listed but absent {absent[:8]}; the two files come from "
+        raise ValueError(f"{file} does not hold the tensors its metadata lists: tensors not listed "
+                         f"{extra[:8]}, listed but absent {absent[:8]}; they come from "
                          f"different saves")
     for name, t in tensors.items():
         rec = records[name] if isinstance(records[name], dict) else {}
@@ -202,7 +219,6 @@ def _read_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
         if _sha256(t) != rec.get("sha256"):
             raise ValueError(f"{file}: tensor {name!r} does not match the checksum recorded when it was "
                              f"saved (damaged or modified after saving); restore it, or {RESAVE}")
-    return tensors
 
 
 def _compressed_module(file: Path, name: str, module: nn.Module | None, m: dict,
@@ -314,33 +330,10 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for name, target in aliases.items():
         owner, _, leaf = target.rpartition(".")
         _assign(model, name, getattr(model.get_submodule(owner), leaf))
-    warn_on_save_pretrained(model)
+    if callable(getattr(type(model), "save_pretrained", None)) and new:
+        from rs_compile.hf_quantizer import enable_save_pretrained
+
+        layers = [m for m in meta["modules"].values() if "kind" not in m]  # linears: bits, act_bits
+        enable_save_pretrained(model, layers[0] if layers else {})
     return model.eval()
 
-
-class _SavePretrainedWarning:
-    """``model.save_pretrained`` of a model holding CompressedLinear layers: warn, then save.
-
-    An attribute of the one model instance rather than a patch of transformers: other models are
-    untouched, and it pickles and deep-copies along with its model.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __call__(self, *args, **kwargs):
-        warnings.warn(SAVE_PRETRAINED_WARNING, UserWarning, stacklevel=2)
-        try:
-            return type(self.model).save_pretrained(self.model, *args, **kwargs)
-        except RuntimeError as e:
-            if "shared tensors" not in str(e):
-                raise
-            raise RuntimeError(f"{SAVE_PRETRAINED_WARNING} Here transformers refuses as well: a compressed "
-                               "embedding and its tied head share packed tensors it does not know.") from e
-
-
-def warn_on_save_pretrained(model: nn.Module) -> None:
-    """Make transformers' ``save_pretrained`` of the converted ``model`` warn (see
-    :data:`SAVE_PRETRAINED_WARNING`); models without ``save_pretrained`` are left alone."""
-    if callable(getattr(type(model), "save_pretrained", None)):
-        model.save_pretrained = _SavePretrainedWarning(model)

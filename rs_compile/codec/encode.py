@@ -279,7 +279,10 @@ def encode(
     n, k = weight.shape
     ng = fmt.num_groups(k)
     kp = ng * fmt.group_size
-    w = torch.nn.functional.pad(weight.detach().to("cpu", torch.float32), (0, kp - k)).contiguous()
+    w = weight.detach().to("cpu", torch.float32)
+    if kp != k:  # F.pad copies even when there is nothing to pad: a dense copy of a large table
+        w = torch.nn.functional.pad(w, (0, kp - k))
+    w = w.contiguous()
     check_range(w)
     d = None
     if importance is not None:

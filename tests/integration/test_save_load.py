@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 
 import pytest
 import torch
@@ -256,29 +255,6 @@ def test_save_refuses_a_model_whose_compressed_buffers_were_cast(tmp_path):
                                          r"\[\d+\], but layer .* stores bfloat16"):
         serialization.save(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-
-
-def test_save_pretrained_of_a_converted_model_warns(tmp_path):
-    import copy
-    import pickle
-
-    model = rs_compile.convert(configs.gpt2("tiny"), embeddings=False)
-    for copied in (model, copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        with pytest.warns(UserWarning, match=r"save_pretrained cannot store rs_compile's compressed layers.*"
-                                             r"rs_compile\.hub\.save_model"):
-            copied.save_pretrained(tmp_path / "hf")
-        assert (tmp_path / "hf" / "model.safetensors").is_file()  # it still saves as asked
-    loaded = serialization.load(configs.gpt2("tiny"), serialization.save(model, tmp_path / "rs"))
-    with pytest.warns(UserWarning, match="save_pretrained cannot store"):
-        loaded.save_pretrained(tmp_path / "hf2")
-    plain = configs.gpt2("tiny")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        plain.save_pretrained(tmp_path / "dense")  # unconverted models are left alone
-    tied = rs_compile.convert(configs.gpt2("tiny"))  # wte and lm_head share their packed tensors
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=r"save_pretrained cannot store .* "
-                                                                      r"transformers refuses as well"):
-        tied.save_pretrained(tmp_path / "tied")
 
 
 @pytest.mark.slow
