@@ -206,7 +206,7 @@ def part_activations(models, sequences: int) -> list[Check]:
     for act_bits in (0, 8):
         cos = embedding_cosine(reference, embed(rs_compile.convert(copy.deepcopy(minilm),
                                                                     act_bits=act_bits)))
-        kl, top1 = next_token_kl_top1(stories, rs_compile.convert(copy.deepcopy(stories),
+        kl, top1, _ = next_token_kl_top1(stories, rs_compile.convert(copy.deepcopy(stories),
                                                                   act_bits=act_bits), held_out)
         figures[act_bits] = (float(1 - cos.mean()), kl, top1)
         print(f"  act_bits={act_bits}: minilm 1-cos {figures[act_bits][0]:.5f}, "
