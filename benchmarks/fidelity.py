@@ -8,7 +8,12 @@ and the encoder's speed on a 125M GPT-2.
 
 Data: held-out sentences / sequences sampled with ``HELDOUT_SEED`` (64 x 128 tokens by default);
 calibration uses the disjoint ``CALIBRATION_SENTENCES`` / ``CALIBRATION_SEED`` (docs/fidelity.md).
-Every baseline is the harness's own implementation (rs_compile.eval.baselines), group size 64.
+Every baseline is the harness's own implementation (rs_compile.eval.baselines). NF4, RTN and
+int8 get rs_compile's own per-group scale search and scale storage (``searched_scales``) in
+groups of 32 like ours, so they store exactly as many bits as ours and only the level sets
+differ; NF4 with bitsandbytes' plain absmax scales and HQQ run in groups of 64 as references.
+Every codec's all-in bits/weight (codes + per-group bytes + per-row scales, over the quantized
+linears) is printed beside it.
 """
 
 from __future__ import annotations
@@ -26,13 +31,18 @@ from torch import nn
 import rs_compile
 from rs_compile.config import EncodingConfig
 from rs_compile.demo import quantizer
+from rs_compile.codec.format import Format
+from rs_compile.eval import baselines
 from rs_compile.eval.harness import (
     Quantizer,
     baseline_quantizers,
+    calibrated_baseline,
+    linear_weights,
     evaluate_causal_lm,
     evaluate_encoder,
     layer_weight_errors,
 )
+from rs_compile.eval.methods import StorageBits, group_storage
 from rs_compile.eval.metrics import embedding_cosine, next_token_kl_top1, sample_sequences
 from rs_compile.eval.splits import HELDOUT_SEED, HELDOUT_SENTENCES
 from rs_compile.eval.splits import CALIBRATION_SEED, CALIBRATION_SENTENCES
@@ -41,25 +51,62 @@ PARTS = ("weights", "minilm", "stories", "calibrated", "eightbit", "activations"
 Check = tuple[str, str, "bool | None"]  # (criterion, measured figure, met; None: report only)
 
 
-def ours(bits: int = 4) -> Quantizer:
-    return quantizer(EncodingConfig(bits=bits))
+GROUP = 32  # rs_compile's default group size; the searched baselines use it too
+RTN4_LEVELS = tuple(range(-7, 8))
+
+
+def ours(bits: int = 4, curvatures: int = 4) -> Quantizer:
+    return quantizer(EncodingConfig(bits=bits, curvatures=curvatures))
+
+
+def ours_storage(bits: int) -> StorageBits:
+    """What convert stores for one weight: codes, one byte per group, one bf16 scale per row."""
+    return lambda out, k: 8 * Format(bits, GROUP).nbytes(out, k)
+
+
+# all-in storage of each codec: codes + per-group bytes + per-row scales (bits of one [out, in])
+STORAGE: dict[str, StorageBits] = {
+    "ours4": ours_storage(4),
+    "ours4 curvatures=1": ours_storage(4),  # the curvature bits are still stored, at equal bits
+    "nf4": group_storage(4, GROUP, 8, 16),  # searched: a signed step byte per group, bf16 per row
+    "rtn_int4": group_storage(4, GROUP, 8, 16),
+    "nf4 absmax g64": group_storage(4, 64, 32),  # bitsandbytes without double quant: fp32 absmax
+    "hqq4 g64": group_storage(4, 64, 32),  # counted as fp16 scale + fp16 zero (harness: float32)
+    "ours8": ours_storage(8),
+    "int8": group_storage(8, GROUP, 8, 16),
+    "gptq4": ours_storage(4),
+    "gptq4 curvatures=1": ours_storage(4),
+    "gptq rtn_int4": group_storage(4, GROUP, 8, 16),
+}
 
 
 def codecs() -> dict[str, Quantizer]:
-    base = baseline_quantizers(64, scale_search=False)  # the absmax baselines of docs/fidelity.md
-    return {"ours4": ours(4), "nf4": base["nf4"], "rtn_int4": base["rtn_int4"], "hqq4": base["hqq4"]}
+    searched = baseline_quantizers(GROUP, scale_search=True)
+    absmax = baseline_quantizers(64, scale_search=False)
+    return {"ours4": ours(4), "ours4 curvatures=1": ours(4, curvatures=1), "nf4": searched["nf4"],
+            "rtn_int4": searched["rtn_int4"], "nf4 absmax g64": absmax["nf4"],
+            "hqq4 g64": absmax["hqq4"]}
+
+
+def codec_bits(model: nn.Module, name: str) -> float:
+    """All-in bits / weight of codec ``name`` over the linears the harness quantizes."""
+    shapes = [tuple(w.shape) for w in linear_weights(model).values()]
+    return sum(STORAGE[name](o, k) for o, k in shapes) / sum(o * k for o, k in shapes)
 
 
 def all_in_bits(model: nn.Module, **options) -> float:
     """Bits per weight of what convert stores (codes, scales, curvatures), over the converted linears."""
-    report = rs_compile.convert(copy.deepcopy(model), **options).rs_report
+    report = rs_compile.convert(copy.deepcopy(model), embeddings=False, **options).rs_report
     stored = sum(r.compressed_bytes for r in report.linear_rewrites)
     return 8 * stored / sum(r.out_features * r.in_features for r in report.linear_rewrites)
 
 
 def calibrated_quantizer(model: nn.Module, calibration: list, label: str, **options) -> Quantizer:
-    """The reconstructions convert(calibration=...) stores, as a harness quantizer (prints their size)."""
-    converted = rs_compile.convert(copy.deepcopy(model), calibration=calibration, **options)
+    """The reconstructions convert(calibration=...) stores, as a harness quantizer (prints their size).
+    Embeddings stay dense, as in the harness's students, so the layers calibrate on the inputs the
+    evaluated model gives them (and on the same ones as the GPTQ baseline)."""
+    converted = rs_compile.convert(copy.deepcopy(model), calibration=calibration, embeddings=False,
+                                   **options)
     modules = {n: m for n, m in converted.named_modules() if isinstance(m, rs_compile.CompressedLinear)}
     rewrites = converted.rs_report.linear_rewrites
     bpw = 8 * sum(r.compressed_bytes for r in rewrites) / sum(r.out_features * r.in_features for r in rewrites)
@@ -84,14 +131,16 @@ def part_weights(models) -> list[Check]:
         ratios = [row["ours4"] / row["nf4"] for row in table.values()]
         means = {q: statistics.mean(row[q] for row in table.values()) for q in next(iter(table.values()))}
         bpw = all_in_bits(model)
-        print(f"\n{label}: {len(table)} linears, relative weight MSE (mean over layers) "
-              + ", ".join(f"{q} {v:.5f}" for q, v in means.items()))
-        print(f"  ours/NF4 per layer: median {statistics.median(ratios):.3f}, max {max(ratios):.3f} "
-              f"({max(table, key=lambda n: table[n]['ours4'] / table[n]['nf4'])}); all-in {bpw:.3f} bits/weight")
+        print(f"\n{label}: {len(table)} linears, relative weight MSE (mean over layers) at all-in bits/weight")
+        for q, v in means.items():
+            print(f"  {q:<22} {v:.5f}  {codec_bits(model, q):.3f} bits")
+        worst = max(table, key=lambda n: table[n]["ours4"] / table[n]["nf4"])
+        print(f"  ours/NF4 (searched scales, equal bits) per layer: median {statistics.median(ratios):.3f}, "
+              f"max {max(ratios):.3f} ({worst}); convert stores {bpw:.3f} bits/weight")
         checks += [
-            (f"{label} weight MSE median <= 0.92x NF4", f"{statistics.median(ratios):.3f}x",
+            (f"{label} weight MSE median <= 0.92x NF4 (equal bits)", f"{statistics.median(ratios):.3f}x",
              statistics.median(ratios) <= 0.92),
-            (f"{label} weight MSE max <= 1.0x NF4", f"{max(ratios):.3f}x", max(ratios) <= 1.0),
+            (f"{label} weight MSE max <= 1.0x NF4 (equal bits)", f"{max(ratios):.3f}x", max(ratios) <= 1.0),
             (f"{label} all-in bits/weight <= 4.5", f"{bpw:.3f}", bpw <= 4.5),
         ]
     return checks
@@ -102,7 +151,7 @@ def part_minilm(models, extra: dict[str, Quantizer] | None = None) -> dict[str, 
     drift = evaluate_encoder(model, tokenizer, {**codecs(), **(extra or {})})
     print("\nminilm: mean 1 - cos of pooled embeddings, 40 held-out sentences")
     for name, d in drift.items():
-        print(f"  {name:<22} 1-cos {d:.5f}  (mean cos {1 - d:.5f})")
+        print(f"  {name:<22} 1-cos {d:.5f}  (mean cos {1 - d:.5f})  {_bits(model, name)}")
     return drift
 
 
@@ -112,8 +161,12 @@ def part_stories(models, sequences: int, extra: dict[str, Quantizer] | None = No
                                  bleu_prompts=min(32, sequences))
     print(f"\nstories: teacher-forced next-token KL / top-1 on {sequences} x 128 held-out tokens, greedy BLEU")
     for name, r in results.items():
-        print(f"  {name:<22} KL {r.kl:.4f}  top-1 {r.top1:.2%}  BLEU {r.bleu:.1f}")
+        print(f"  {name:<22} KL {r.kl:.4f}  top-1 {r.top1:.2%}  BLEU {r.bleu:.1f}  {_bits(model, name)}")
     return results
+
+
+def _bits(model: nn.Module, name: str) -> str:
+    return f"{codec_bits(model, name):.3f} bits" if name in STORAGE else "(bits: see above)"
 
 
 def minilm_calibration(models) -> list[dict]:
@@ -126,8 +179,14 @@ def stories_calibration(models) -> list[tuple]:
 
 
 def calibrated_variants(models, label: str, calibration: list) -> dict[str, Quantizer]:
+    """Ours calibrated (GPTQ; with one curvature; with bit_budget=4.5) and GPTQ on the RTN int4
+    grid through the same calibrated pipeline (baselines.gptq), all on the same items."""
     model = models[label][0]
+    rtn = calibrated_baseline(model, calibration, lambda w, h: baselines.gptq(
+        w, h, RTN4_LEVELS, GROUP, damp=EncodingConfig().gptq_damp))
     return {"gptq4": calibrated_quantizer(model, calibration, label),
+            "gptq4 curvatures=1": calibrated_quantizer(model, calibration, label, curvatures=1),
+            "gptq rtn_int4": rtn,
             "gptq budget 4.5": calibrated_quantizer(model, calibration, label, bit_budget=4.5)}
 
 
@@ -147,7 +206,7 @@ def part_activations(models, sequences: int) -> list[Check]:
     for act_bits in (0, 8):
         cos = embedding_cosine(reference, embed(rs_compile.convert(copy.deepcopy(minilm),
                                                                     act_bits=act_bits)))
-        kl, top1 = next_token_kl_top1(stories, rs_compile.convert(copy.deepcopy(stories),
+        kl, top1, _ = next_token_kl_top1(stories, rs_compile.convert(copy.deepcopy(stories),
                                                                   act_bits=act_bits), held_out)
         figures[act_bits] = (float(1 - cos.mean()), kl, top1)
         print(f"  act_bits={act_bits}: minilm 1-cos {figures[act_bits][0]:.5f}, "
@@ -225,12 +284,13 @@ def main() -> None:
         extra_minilm.update(calibrated_variants(models, "minilm", minilm_calibration(models)))
         extra_stories.update(calibrated_variants(models, "stories", stories_calibration(models)))
     if "eightbit" in parts:
-        extra_minilm.update({"ours8": ours(8), "int8": baseline_quantizers(64, scale_search=False)["int8"]})
-        extra_stories.update({"ours8": ours(8), "int8": baseline_quantizers(64, scale_search=False)["int8"]})
+        eight = {"ours8": ours(8), "int8": baseline_quantizers(GROUP)["int8"]}
+        extra_minilm.update(eight)
+        extra_stories.update(eight)
     if parts & {"minilm", "calibrated", "eightbit"}:
         drift = part_minilm(models, extra_minilm)
         ratio = f"{drift['ours4'] / drift['nf4']:.3f}x ({drift['ours4']:.4f} vs {drift['nf4']:.4f})"
-        checks += [("minilm 1-cos <= 0.9x NF4", ratio, drift["ours4"] <= 0.9 * drift["nf4"])]
+        checks += [("minilm 1-cos <= 0.9x NF4 (equal bits)", ratio, drift["ours4"] <= 0.9 * drift["nf4"])]
         checks += [(f"minilm calibrated ({k}) mean cos >= 0.99", f"{1 - drift[k]:.4f}", 1 - drift[k] >= 0.99)
                    for k in ("gptq4", "gptq budget 4.5") if k in drift]
         if "ours8" in drift:
@@ -239,8 +299,8 @@ def main() -> None:
         res = part_stories(models, args.sequences, extra_stories)
         kl = {k: r.kl for k, r in res.items()}
         ratio = f"{kl['ours4'] / kl['nf4']:.3f}x ({kl['ours4']:.3f} vs {kl['nf4']:.3f})"
-        checks += [("stories KL <= 0.9x NF4", ratio, kl["ours4"] <= 0.9 * kl["nf4"]),
-                   ("stories KL < RTN", f"{kl['ours4']:.3f} vs {kl['rtn_int4']:.3f}", kl["ours4"] < kl["rtn_int4"])]
+        checks += [("stories KL <= 0.9x NF4 (equal bits)", ratio, kl["ours4"] <= 0.9 * kl["nf4"]),
+                   ("stories KL < RTN (equal bits)", f"{kl['ours4']:.3f} vs {kl['rtn_int4']:.3f}", kl["ours4"] < kl["rtn_int4"])]
         checks += [(f"stories calibrated ({k}) KL <= 0.5x NF4", f"{kl[k] / kl['nf4']:.3f}x ({kl[k]:.3f})",
                     kl[k] <= 0.5 * kl["nf4"]) for k in ("gptq4", "gptq budget 4.5") if k in kl]
         if "ours8" in res:

@@ -4,12 +4,13 @@ A random Mixtral-shaped model whose experts hold most of the bytes (default: hid
 experts of intermediate 1024, top-2, 2 layers, vocab 2048). Measures greedy decode tokens/s of
 
 * the original model in eager fp32 (transformers' default experts forward, grouped_mm),
-* the converted model in eager mode (CompressedExperts, rs::expert_linear -> rs::linear),
+* the converted model in eager mode (CompressedExperts: per selected expert, the rs::linear CPU
+  kernel on that expert's slice of the stacked codes, no dispatcher),
 * the converted model compiled with the realitystone backend (compile_for_generation),
 
 and, on the converted eager model, decode tok/s and the expert bytes read per token with the
 routers set to top-1, top-2 and all experts: bytes per token come from the expert ids each
-rs::expert_linear call receives (the op decodes exactly the distinct experts it is given, which
+expert product receives (it reads exactly the distinct experts it is given, which
 tests/integration/test_moe.py checks by poisoning the others), times each expert's packed bytes.
 
     PYTHONPATH=$PWD python benchmarks/moe_decode.py [--layers 2] [--tokens 32]
@@ -23,28 +24,36 @@ import statistics
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rs_compile
+import rs_compile.experts as experts_impl
 from rs_compile.experts import CompressedExperts
 from rs_compile.generation import compile_for_generation
 
 
-class ExpertReads(TorchDispatchMode):
-    """Counts the packed expert bytes rs::expert_linear calls decode (distinct experts x bytes)."""
+class ExpertReads:
+    """Counts the packed expert bytes the experts' products read (distinct experts x bytes): wraps
+    rs_compile.experts.expert_linear_into, through which the eager module and the op multiply,
+    each expert on its own slice of the codes (used on the eager converted model)."""
 
     def __init__(self):
-        super().__init__()
         self.bytes = 0
         self.calls = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.rs.expert_linear.default:
-            _, ids, codes, groups, scale = args[:5]
+    def __enter__(self):
+        self._inner = experts_impl.expert_linear_into
+
+        def counting(out, x, expert_ids, codes, groups, scale, *rest):
             per_expert = sum(t[0].nbytes for t in (codes, groups, scale))
-            self.bytes += int(torch.unique(ids).numel()) * per_expert
+            self.bytes += int(torch.unique(expert_ids).numel()) * per_expert
             self.calls += 1
-        return func(*args, **(kwargs or {}))
+            return self._inner(out, x, expert_ids, codes, groups, scale, *rest)
+
+        experts_impl.expert_linear_into = counting
+        return self
+
+    def __exit__(self, *exc):
+        experts_impl.expert_linear_into = self._inner
 
 
 def build(args):
@@ -65,31 +74,38 @@ def set_top_k(model, k):
 
 
 class StepTimes:
-    """A generate stopping criterion that never stops, timestamping every generated token."""
+    """A generate stopping criterion that never stops, timestamping every generated token (wall
+    clock and this process's CPU time)."""
 
     def __init__(self):
         self.stamps = []
 
     def __call__(self, input_ids, scores, **kwargs):
-        self.stamps.append(time.perf_counter())
+        self.stamps.append((time.perf_counter(), time.process_time()))
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
-def decode_rate(model, prompt, tokens, repeats=2):
-    """Decode tokens/s: the median interval between consecutive generated tokens (prefill and the
-    first token excluded), over ``repeats`` generations after a warm-up one (which compiles). The
-    median keeps a shared, loaded CPU's stalls out of the figure."""
+def decode_rates(models, prompt, tokens, repeats=3):
+    """Per model, decode (tokens/s, CPU ms per token): the median interval between consecutive
+    generated tokens (prefill and the first token excluded) in wall time and in process CPU time,
+    over ``repeats`` generations per model after a warm-up one (which compiles). The models take
+    turns (A, B, C, A, B, C, ...) so that load from other processes hits all alike; the median
+    keeps a shared CPU's stalls out of the wall figure, and CPU time (1 thread) does not count the
+    time the process waits for a core at all."""
     from transformers import StoppingCriteriaList
 
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=tokens)
-    steps = []
+    steps = [([], []) for _ in models]
     with torch.inference_mode():
-        model.generate(prompt, **kwargs)  # warm-up (compiles)
+        for model in models:
+            model.generate(prompt, **kwargs)  # warm-up (compiles)
         for _ in range(repeats):
-            times = StepTimes()
-            model.generate(prompt, stopping_criteria=StoppingCriteriaList([times]), **kwargs)
-            steps += [b - a for a, b in zip(times.stamps, times.stamps[1:])]
-    return 1.0 / statistics.median(steps)
+            for model, (wall, cpu) in zip(models, steps):
+                times = StepTimes()
+                model.generate(prompt, stopping_criteria=StoppingCriteriaList([times]), **kwargs)
+                wall += [b[0] - a[0] for a, b in zip(times.stamps, times.stamps[1:])]
+                cpu += [b[1] - a[1] for a, b in zip(times.stamps, times.stamps[1:])]
+    return [(1.0 / statistics.median(w), 1e3 * statistics.median(c)) for w, c in steps]
 
 
 def main(argv=None):
@@ -113,6 +129,7 @@ def main(argv=None):
     prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     experts_bytes = sum(p.nbytes for n, p in model.named_parameters() if p.dim() == 3)
     total_bytes = sum(p.nbytes for p in model.parameters())
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {_load()}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; model: {args.layers} layers, "
           f"hidden {args.hidden}, {args.experts} experts x intermediate {args.intermediate}, "
           f"top-{args.top_k}; fp32 {total_bytes / 2**20:.1f} MiB of which experts "
@@ -125,15 +142,15 @@ def main(argv=None):
     print(f"convert: {time.perf_counter() - t0:.1f} s; experts {experts_bytes / 2**20:.1f} -> "
           f"{packed / 2**20:.2f} MiB ({experts_bytes / packed:.2f}x smaller)")
 
-    rows = [("eager fp32 (original)", decode_rate(model, prompt, args.tokens))]
-    rows.append(("converted, eager", decode_rate(converted, prompt, args.tokens)))
+    named = [("eager fp32 (original)", model), ("converted, eager", converted)]
     if not args.no_compile:
-        compiled = compile_for_generation(copy.deepcopy(converted))
-        rows.append(("converted, compiled (realitystone)", decode_rate(compiled, prompt, args.tokens)))
-    base = rows[0][1]
-    print(f"\n{'decode, top-' + str(args.top_k):<36} {'tok/s':>8} {'vs eager fp32':>14}")
-    for name, rate in rows:
-        print(f"{name:<36} {rate:8.1f} {rate / base:13.2f}x")
+        named.append(("converted, compiled (realitystone)", compile_for_generation(copy.deepcopy(converted))))
+    rows = list(zip([n for n, _ in named], decode_rates([m for _, m in named], prompt, args.tokens)))
+    (base, base_cpu) = rows[0][1]
+    print(f"\n{'decode, top-' + str(args.top_k):<36} {'tok/s':>8} {'vs eager fp32':>14} "
+          f"{'CPU ms/token':>13} {'vs eager fp32':>14}")
+    for name, (rate, cpu) in rows:
+        print(f"{name:<36} {rate:8.1f} {rate / base:13.2f}x {cpu:13.2f} {base_cpu / cpu:13.2f}x")
 
     per_expert = packed / (args.layers * args.experts)
     print(f"\n{'active experts (converted, eager)':<36} {'tok/s':>8} {'expert bytes/token':>19} "
@@ -146,11 +163,17 @@ def main(argv=None):
             out = converted(prompt, use_cache=True)
             reads.bytes = reads.calls = 0
             converted(prompt[:, -1:], cache=out.past_key_values, use_cache=True)
-        rate = decode_rate(converted, prompt, args.tokens // 2)
-        dense_rate = decode_rate(model, prompt, args.tokens // 2)
+        (rate, _), (dense_rate, _) = decode_rates([converted, model], prompt, args.tokens // 2,
+                                                  repeats=2)
         print(f"top-{k:<32} {rate:8.1f} {reads.bytes:19,} {reads.bytes / per_expert / args.layers:6.1f} "
               f"{dense_rate:17.1f}")
     print(f"(one expert's packed gate_up + down: {per_expert:,.0f} bytes; {args.layers} layers)")
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {_load()}")
+
+
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 if __name__ == "__main__":

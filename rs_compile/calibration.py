@@ -15,7 +15,7 @@ the model's output, within an all-in bits/weight budget.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -241,7 +241,24 @@ def calibrated_encodings(
     if encoding.bit_budget is not None:
         bits = allocate_bits(layers, layer_sensitivities(model, layers, items, encoding, progress),
                              encoding)
-    encoded: dict[str, EncodedWeight] = {}
+
+    def encode_layer(name: str, moments: torch.Tensor) -> tuple[EncodedWeight, torch.Tensor]:
+        encoded = _encode(layers[name].weight, moments, bits[name], encoding)
+        return encoded, encoded.dequantize()
+
+    return sequential_reconstructions(model, layers, items, encode_layer, progress)
+
+
+def sequential_reconstructions(
+    model: nn.Module, layers: Mapping[str, Layer], items: Sequence[Item],
+    reconstruct: Callable[[str, torch.Tensor], tuple[Any, torch.Tensor]], progress: bool = False,
+) -> dict[str, Any]:
+    """``{name: result}`` with ``result, w_hat = reconstruct(name, X^T X / rows)`` for ``layers``
+    in call order, each group's statistics taken with the earlier layers already computing with
+    their reconstructions ``w_hat [out, in]`` (the sequential mode of the module doc). Any
+    quantizer taking ``X^T X`` plugs in (e.g. the GPTQ baselines of rs_compile.eval).
+    Hooks are removed whatever happens."""
+    results: dict[str, Any] = {}
     replaced = []
     with inference_mode(model):
         try:
@@ -250,13 +267,12 @@ def calibrated_encodings(
                 moments = _collect(model, [layers[n].module for n in group], items, called_once)
                 for name, moment in zip(group, moments):
                     layer = layers[name]
-                    encoded[name] = _encode(layer.weight, moment, bits[name], encoding)
-                    w_hat = encoded[name].dequantize().to(layer.weight.device)
-                    replaced.append(_replace_output(layer, w_hat))
+                    results[name], w_hat = reconstruct(name, moment)
+                    replaced.append(_replace_output(layer, w_hat.to(layer.weight.device)))
         finally:
             for handle in replaced:
                 handle.remove()
-    return encoded
+    return results
 
 
 def _collect(model: nn.Module, modules: list[nn.Module], items: Sequence[Item],

@@ -48,22 +48,22 @@ def quantizer(encoding: EncodingConfig) -> Callable[[str, torch.Tensor], torch.T
 
 @torch.no_grad()
 def compare_speed(
-    reference: Callable, candidate: Callable, args: tuple = (), kwargs: dict | None = None,
-    iters: int = 10, warmup: int = 2,
-) -> tuple[float, float]:
-    """Median seconds per call of ``reference`` and ``candidate``, measured interleaved so that
-    load from other processes hits both alike. Warm-up calls (compilation) are not timed."""
+    *fns: Callable, args: tuple = (), kwargs: dict | None = None, iters: int = 10, warmup: int = 2,
+) -> tuple[float, ...]:
+    """Median seconds per call of each of ``fns`` (e.g. reference, candidate), measured
+    interleaved so that load from other processes hits all alike. Warm-up calls (compilation)
+    are not timed."""
     kwargs = kwargs or {}
     for _ in range(warmup):
-        reference(*args, **kwargs)
-        candidate(*args, **kwargs)
-    times: tuple[list[float], list[float]] = ([], [])
+        for fn in fns:
+            fn(*args, **kwargs)
+    times: list[list[float]] = [[] for _ in fns]
     for _ in tqdm(range(iters), desc="timing", leave=False):
-        for fn, out in zip((reference, candidate), times):
+        for fn, out in zip(fns, times):
             start = time.perf_counter()
             fn(*args, **kwargs)
             out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return tuple(statistics.median(t) for t in times)
 
 
 def _fidelity_minilm(original: nn.Module, converted: nn.Module, tokenizer: Any) -> str:
@@ -99,14 +99,21 @@ def load_demo_model() -> tuple[str, nn.Module, dict, Callable[[nn.Module, nn.Mod
 
 
 def speed_line(original: nn.Module, converted: nn.Module, inputs: dict, iters: int = 10) -> str:
-    """Compile ``converted`` with the realitystone backend and time it against eager ``original``."""
+    """Compile ``converted`` with the realitystone backend and time it against ``original`` both
+    eager and compiled by Inductor (torch.compile's default backend), the fair dense baseline."""
     compiled = torch.compile(converted, backend="realitystone")
-    with progress("torch.compile(converted, backend='realitystone'), first call"), torch.no_grad():
-        compiled(**inputs)
-    eager_s, compiled_s = compare_speed(original, compiled, kwargs=inputs, iters=iters)
+    inductor = torch.compile(original)
+    with torch.no_grad():
+        with progress("torch.compile(converted, backend='realitystone'), first call"):
+            compiled(**inputs)
+        with progress("torch.compile(original) (Inductor, dense), first call"):
+            inductor(**inputs)
+    eager_s, inductor_s, compiled_s = compare_speed(original, inductor, compiled, kwargs=inputs,
+                                                    iters=iters)
     shape = "x".join(map(str, next(iter(inputs.values())).shape))
-    return (f"speed on a [{shape}] input: eager original {eager_s * 1e3:.1f} ms, compiled compressed "
-            f"{compiled_s * 1e3:.1f} ms -> {eager_s / compiled_s:.2f}x")
+    return (f"speed on a [{shape}] input: eager original {eager_s * 1e3:.1f} ms, inductor original "
+            f"{inductor_s * 1e3:.1f} ms, compiled compressed {compiled_s * 1e3:.1f} ms -> "
+            f"{eager_s / compiled_s:.2f}x eager, {inductor_s / compiled_s:.2f}x inductor")
 
 
 def fidelity_table(results: dict[str, Any]) -> str:

@@ -58,6 +58,11 @@ PROBE_TOKENS = 16  # tokens a candidate is checked on before it is swapped in
 
 def _check_expert_inputs(x, expert_ids, codes, groups, row_scale, bits, group_size, in_features,
                          act_bits=0) -> None:
+    from rs_compile.codec.activations import ACT_BITS
+
+    if act_bits not in ACT_BITS:
+        raise ValueError(f"rs::expert_linear: act_bits={act_bits!r} is not supported; valid values "
+                         f"are {ACT_BITS} (0 keeps float activations)")
     if not x.is_floating_point() or x.dim() != 2:
         raise ValueError(f"rs::expert_linear: x must be a 2-D float tensor [S, in], got "
                          f"{tuple(x.shape)} {x.dtype}")
@@ -77,32 +82,60 @@ def _check_expert_inputs(x, expert_ids, codes, groups, row_scale, bits, group_si
     check_packed(codes[0], groups[0], row_scale[0], bits, group_size, in_features)
 
 
-def _grouped(x, expert_ids, codes, groups, row_scale, bits, group_size, in_features, act_bits):
-    """The CPU kernel: rows grouped by expert, one ``rs::linear`` per expert present."""
-    _check_expert_inputs(x, expert_ids, codes, groups, row_scale, bits, group_size, in_features, act_bits)
-    out = x.new_empty((x.shape[0], codes.shape[1]))
-    if x.shape[0] == 0:
-        return out
-    n_experts = codes.shape[0]
-    ids = expert_ids.to(torch.long)
-    lo, hi = ids.aminmax()
-    if int(lo) < 0 or int(hi) >= n_experts:
-        raise ValueError(f"rs::expert_linear: expert_ids range over [{int(lo)}, {int(hi)}] but there "
-                         f"are {n_experts} experts")
-    if ids.shape[0] == 1 or bool((ids == ids[0]).all()):  # decode of one pair / one expert
-        e = int(ids[0])
-        out.copy_(torch.ops.rs.linear(x, codes[e], groups[e], row_scale[e], None, bits, group_size,
-                                      in_features, act_bits))
-        return out
+SMALL_CALL_ROWS = 64  # routed rows up to which experts are grouped in Python (decode steps)
+
+
+def _expert_rows(ids: torch.Tensor, n_experts: int) -> list[tuple[int, "slice | torch.Tensor"]]:
+    """``[(expert, its rows)]`` for the experts present in ``ids``, rows as a slice where they are
+    one contiguous run (always for a one-token decode step: its k rows have k distinct experts),
+    else as an index tensor. ValueError for an id outside ``[0, n_experts)``."""
+    if ids.shape[0] <= SMALL_CALL_ROWS:  # a decode step: a few ints, no sort, no device ops
+        rows: dict[int, list[int]] = {}
+        for i, e in enumerate(ids.tolist()):
+            rows.setdefault(e, []).append(i)
+        lo, hi = min(rows), max(rows)
+    else:
+        ids = ids.to(torch.long)
+        lo, hi = (int(v) for v in ids.aminmax())
+    if lo < 0 or hi >= n_experts:
+        raise ValueError(f"rs::expert_linear: expert_ids range over [{lo}, {hi}] but there are "
+                         f"{n_experts} experts")
+    if ids.shape[0] <= SMALL_CALL_ROWS:
+        return [(e, slice(r[0], r[-1] + 1) if r[-1] - r[0] + 1 == len(r) else torch.tensor(r))
+                for e, r in rows.items()]
     order = torch.argsort(ids, stable=True)
     experts, counts = torch.unique_consecutive(ids[order], return_counts=True)
-    start = 0
-    for e, n in zip(experts.tolist(), counts.tolist()):
-        rows = order[start:start + n]
-        start += n
-        out[rows] = torch.ops.rs.linear(x[rows], codes[e], groups[e], row_scale[e], None, bits,
-                                        group_size, in_features, act_bits)
+    return list(zip(experts.tolist(), order.split(counts.tolist())))
+
+
+def expert_linear_into(out, x, expert_ids, codes, groups, row_scale, bits, group_size, in_features,
+                       act_bits):
+    """``out[s] = x[s] @ decode(expert expert_ids[s]).T`` into ``out [S, N]`` (inputs checked):
+    each expert present multiplies its rows on ``codes[e]``, a view of the stacked buffers (no
+    copy), on CPU straight through the rs::linear CPU kernel (no dispatcher: a decode step makes
+    2k such calls per layer), elsewhere through ``rs::linear``."""
+    if x.shape[0] == 0:
+        return out
+    from rs_compile.lowering.cpu_kernel import linear_cpu
+
+    on_cpu = x.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()
+    for e, rows in _expert_rows(expert_ids, codes.shape[0]):
+        packed = (codes[e], groups[e], row_scale[e], None, bits, group_size, in_features, act_bits)
+        if on_cpu and isinstance(rows, slice):
+            linear_cpu(x[rows], *packed, out=out[rows])
+        elif on_cpu:
+            out[rows] = linear_cpu(x[rows], *packed)
+        else:
+            out[rows] = torch.ops.rs.linear(x[rows], *packed).to(out.dtype)
     return out
+
+
+def _grouped(x, expert_ids, codes, groups, row_scale, bits, group_size, in_features, act_bits):
+    """The CPU kernel: rows grouped by expert, one rs::linear product per expert present."""
+    _check_expert_inputs(x, expert_ids, codes, groups, row_scale, bits, group_size, in_features, act_bits)
+    out = x.new_empty((x.shape[0], codes.shape[1]))
+    return expert_linear_into(out, x, expert_ids, codes, groups, row_scale, bits, group_size,
+                              in_features, act_bits)
 
 
 @torch.library.custom_op("rs::expert_linear", mutates_args=())
@@ -230,9 +263,15 @@ class CompressedExperts(nn.Module):
         self.act_fn = act_fn
 
     def _project(self, x: torch.Tensor, ids: torch.Tensor, proj: str, in_features: int) -> torch.Tensor:
-        return expert_linear(x, ids, getattr(self, f"{proj}_codes"), getattr(self, f"{proj}_groups"),
-                             getattr(self, f"{proj}_row_scale"), self.bits, self.group_size,
-                             in_features, self.act_bits)
+        buf = self._buffers  # plain dict reads: nn.Module.__getattr__ costs ~1 us per buffer
+        args = (x, ids, buf[f"{proj}_codes"], buf[f"{proj}_groups"], buf[f"{proj}_row_scale"],
+                self.bits, self.group_size, in_features, self.act_bits)
+        if (not torch.compiler.is_compiling() and x.device.type == "cpu"
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            # eager inference on CPU: the op's implementation without the dispatcher and custom-op
+            # wrapper (tens of us per call; a decode step of a top-2 layer makes two)
+            return _grouped(*args)
+        return expert_linear(*args)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:

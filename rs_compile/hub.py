@@ -41,7 +41,8 @@ def _tinystories() -> Loaded:
     if path is None:
         raise FileNotFoundError(
             "built-in 'tinystories' reads ../shared/models/stories260K.bin next to the repository "
-            "checkout, which is missing; copy the llama2.c stories260K.bin there"
+            "checkout, which is missing; copy the llama2.c stories260K.bin there or set "
+            "RS_COMPILE_STORIES to its path"
         )
     return load_llama2c(path), None
 

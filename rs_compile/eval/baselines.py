@@ -46,6 +46,36 @@ def _absmax(groups: torch.Tensor) -> torch.Tensor:
     return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
 
 
+def _search(w: torch.Tensor, levels: tuple[float, ...] | torch.Tensor, group_size: int,
+            importance: torch.Tensor | None = None, lloyd_steps: int = 1):
+    """rs_compile's per-group scale search on one level set: ``(signed steps [out, ngroups],
+    bf16 row scale as float64 [out], level indices [out, Kp], levels float64 [L])``."""
+    from rs_compile.codec.encode import SortedGroups, choose_steps, row_scales, table_scales
+
+    groups = _to_groups(w, group_size)
+    rows, ngroups, _ = groups.shape
+    table = torch.as_tensor(levels, dtype=torch.float64).view(1, -1)
+    imp = None
+    if importance is not None:
+        imp = torch.nn.functional.pad(importance.float(), (0, ngroups * group_size - w.shape[1]))
+        imp = imp.expand(rows, -1).reshape(-1, group_size)
+    sorted_groups = SortedGroups(groups.reshape(-1, group_size), imp)
+    scales, _ = table_scales(sorted_groups, table, lloyd_steps)
+    unit = row_scales(scales[0].view(rows, ngroups), SEARCH_MAX_STEP).double()
+    k, _, pos = choose_steps(sorted_groups, table, scales, unit.repeat_interleave(ngroups),
+                             SEARCH_MAX_STEP)
+    step = (sorted_groups.sign * k).view(rows, ngroups)
+    return step, unit, sorted_groups.codes(pos).view(rows, -1), table[0]
+
+
+def _decode(step: torch.Tensor, unit: torch.Tensor, codes: torch.Tensor, table: torch.Tensor,
+            in_features: int) -> torch.Tensor:
+    rows, ngroups = step.shape
+    units = table[codes.view(rows, ngroups, -1).long()]
+    recon = unit.view(-1, 1, 1) * step.double().unsqueeze(-1) * units
+    return _from_groups(recon.float(), in_features)
+
+
 def searched_scales(w: torch.Tensor, levels: tuple[float, ...] | torch.Tensor,
                     group_size: int = 32) -> torch.Tensor:
     """Round each group to the nearest of ``levels`` times a scale chosen by the *same* per-group
@@ -55,19 +85,32 @@ def searched_scales(w: torch.Tensor, levels: tuple[float, ...] | torch.Tensor,
     less, then stored as an integer step ``|k| <= 127`` (one signed byte per group: a baseline has
     no table index to store) times one bf16 scale per row, the step chosen among the five around
     the continuous scale. Storage: the codes, 8 bits per group and 16 bits per row."""
-    from rs_compile.codec.encode import SortedGroups, choose_steps, row_scales, table_scales
+    return _decode(*_search(w, levels, group_size), w.shape[1])
 
-    groups = _to_groups(w, group_size)
-    rows, ngroups, _ = groups.shape
-    table = torch.as_tensor(levels, dtype=torch.float64).view(1, -1)
-    sorted_groups = SortedGroups(groups.reshape(-1, group_size))
-    scales, _ = table_scales(sorted_groups, table)
-    unit = row_scales(scales[0].view(rows, ngroups), SEARCH_MAX_STEP).double()
-    k, _, pos = choose_steps(sorted_groups, table, scales, unit.repeat_interleave(ngroups),
-                             SEARCH_MAX_STEP)
-    scale = (sorted_groups.sign * k * unit.repeat_interleave(ngroups)).unsqueeze(-1)
-    recon = scale * table[0][sorted_groups.codes(pos).long()]
-    return _from_groups(recon.float().view(rows, ngroups, group_size), w.shape[1])
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, levels: tuple[float, ...] | torch.Tensor,
+         group_size: int = 32, damp: float = 0.1) -> torch.Tensor:
+    """GPTQ on a plain level set (e.g. RTN's integers), through rs_compile's own calibrated
+    pipeline (rs_compile.codec.calibrate) with only the levels changed: the input-energy weighted
+    scale search of :func:`searched_scales`, act-order rounding with error feedback through the
+    Cholesky factor of the damped inverse of ``hessian = X^T X``, then the per-row least-squares
+    refit of the group steps. Storage as :func:`searched_scales`."""
+    from rs_compile.codec.calibrate import (LLOYD_STEPS, damped, feedback_codes, inverse_factor,
+                                            refit_steps)
+
+    diagonal = hessian.diagonal()
+    step, unit, codes, table = _search(w, levels, group_size, diagonal.float().clamp_min(0),
+                                       LLOYD_STEPS)
+    order = torch.argsort(diagonal, descending=True, stable=True)
+    h = damped(hessian, damp)
+    u = inverse_factor(h[order][:, order])
+    weight = w.detach().float()
+    codes = feedback_codes(weight, unit.unsqueeze(-1) * step.double(), torch.zeros_like(step, dtype=torch.long),
+                           table.view(1, -1), order, u, codes, group_size)
+    rows, ngroups = step.shape
+    units = table[codes.view(rows, ngroups, group_size).long()]
+    step = refit_steps(weight, units, step.to(torch.int32), unit, SEARCH_MAX_STEP, h)
+    return _decode(step, unit, codes, table, w.shape[1])
 
 
 SEARCH_MAX_STEP = 127  # largest scale step of :func:`searched_scales` (a signed byte per group)

@@ -65,6 +65,27 @@ def baseline_quantizers(group_size: int = 64, scale_search: bool = True) -> dict
             "int8": by_weight(baselines.int8, **searched), "hqq4": by_weight(baselines.hqq)}
 
 
+def calibrated_baseline(
+    model: nn.Module, items: list, quantize: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Quantizer:
+    """A calibrated reference codec as a harness quantizer: ``quantize(weight [out, in],
+    X^T X / rows) -> reconstruction`` run on every quantizable layer of ``model`` in call order,
+    each layer's inputs coming from the model with the earlier layers already quantized (the
+    sequential mode rs_compile's own calibration uses, rs_compile.calibration); ``items`` are
+    calibration inputs as for ``convert(calibration=...)``. The model is not changed."""
+    from rs_compile.calibration import Layer, check_items, sequential_reconstructions
+
+    layers = {name: Layer(module, _oriented(module), module.bias)
+              for name, module in _quantizable(model).items()}
+
+    def reconstruct(name: str, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w_hat = quantize(layers[name].weight, moments)
+        return w_hat, w_hat
+
+    recon = sequential_reconstructions(model, layers, check_items(items), reconstruct)
+    return lambda name, w: recon[name].to(w.dtype)
+
+
 def _quantizable(model: nn.Module) -> dict[str, nn.Module]:
     """Every nn.Linear and transformers Conv1D, except those sharing their weight with an embedding.
 

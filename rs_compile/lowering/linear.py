@@ -22,7 +22,7 @@ import torch
 from rs_compile.codec.activations import quantize_activations
 from rs_compile.codec.format import decode_weight
 from rs_compile.lowering import cpu_kernel
-from rs_compile.lowering.registry import register
+from rs_compile.lowering.registry import register, register_extern_out
 from rs_compile.ops.cpu_linear import cpu_linear  # noqa: F401  (defines torch.ops.rs.cpu_linear)
 from rs_compile.ops.linear import linear  # noqa: F401  (defines torch.ops.rs.linear)
 
@@ -45,6 +45,7 @@ def linear_decomposition(x, codes, groups, row_scale, bias, bits, group_size, in
     n = codes.shape[0]
     x2 = x.reshape(-1, in_features)
     if _kernel_applies(x, bits, group_size):
+        bias = None if bias is None else bias.to(torch.float32)  # what the kernel reads
         return torch.ops.rs.cpu_linear(x, codes, groups, row_scale, bias, bits, group_size,
                                         in_features, act_bits)
     if act_bits:
@@ -57,32 +58,8 @@ def linear_decomposition(x, codes, groups, row_scale, bias, bits, group_size, in
 
 
 def _install_gemv_lowering() -> None:
-    from torch._inductor import ir, lowering
-    from torch._inductor.select_algorithm import extern_kernels
-    from torch._inductor.virtualized import V
-
-    extern_kernels.rs_cpu_linear = cpu_linear_out
-    op = torch.ops.rs.cpu_linear.default
-    if op in lowering.lowerings:
-        return
-    through_dispatcher = lowering.fallback_handler(op, add_to_fallback_set=False)
-
-    @lowering.register_lowering(op, type_promotion_kind=None)
-    def _lower(x, codes, groups, row_scale, bias, bits, group_size, in_features, act_bits):
-        if V.graph.cpp_wrapper:  # a C++ wrapper cannot call a Python function: keep the op
-            return through_dispatcher(x, codes, groups, row_scale, bias, bits, group_size,
-                                      in_features, act_bits)
-        size = [*x.get_size()[:-1], codes.get_size()[0]]
-        layout = ir.FixedLayout(x.get_device(), torch.float32, size,
-                                ir.FlexibleLayout.contiguous_strides(size))
-        if bias is not None:
-            bias = lowering.to_dtype(bias, torch.float32)
-        tensors = [ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(t))
-                   for t in (x, codes, groups, row_scale, bias) if t is not None]
-        # constant arguments follow the tensors: a missing bias is passed as None in its place
-        constants = ([] if bias is not None else [None]) + [bits, group_size, in_features, act_bits]
-        return ir.TensorBox.create(ir.ExternKernelOut(
-            layout, tensors, constants, python_kernel_name="extern_kernels.rs_cpu_linear"))
+    register_extern_out(torch.ops.rs.cpu_linear.default, "rs_cpu_linear", cpu_linear_out, 5,
+                        lambda x, codes, *_: [*x.get_size()[:-1], codes.get_size()[0]])
 
 
 def install() -> None:

@@ -21,8 +21,18 @@ HEADER_FIELDS = (
 HEADER_BYTES = 4 * len(HEADER_FIELDS)
 
 
+STORIES_ENV = "RS_COMPILE_STORIES"  # path of stories260K.bin, for checkouts without ../shared
+
+
 def default_stories_path() -> Path | None:
-    """``../shared/models/stories260K.bin`` next to the repository checkout, if present."""
+    """``$RS_COMPILE_STORIES`` if set, else ``../shared/models/stories260K.bin`` next to the
+    repository checkout (e.g. a git worktree elsewhere), if present."""
+    if os.environ.get(STORIES_ENV):
+        path = Path(os.environ[STORIES_ENV]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{STORIES_ENV}={os.environ[STORIES_ENV]} is not a file; point it "
+                                    "at the llama2.c stories260K.bin")
+        return path
     repo_root = Path(__file__).resolve().parents[2]
     path = repo_root.parent / "shared" / "models" / "stories260K.bin"
     return path if path.is_file() else None

@@ -173,6 +173,7 @@ def test_demo_falls_back_to_a_tiny_gpt2_without_minilm(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "model: random tiny GPT-2" in out and "8 linear rewrites" in out
     assert "top-1 agreement" in out and "speed on a [4x32] input" in out
+    assert "inductor original" in out and "x inductor" in out  # the dense compiled baseline too
 
 
 @pytest.mark.slow

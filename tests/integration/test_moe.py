@@ -260,13 +260,14 @@ def _stacked(e=4, n=48, k=64, seed=0):
     return [torch.stack([enc.tensors()[i] for enc in encs]) for i in range(3)], encs
 
 
-def test_expert_linear_matches_float64_per_row():
+@pytest.mark.parametrize("rows", [10, 80])  # experts grouped in Python / by a sort (> 64 rows)
+def test_expert_linear_matches_float64_per_row(rows):
     (codes, groups, scale), encs = _stacked()
-    x = torch.randn(10, 64)
-    ids = torch.tensor([3, 0, 3, 1, 1, 1, 0, 3, 3, 0])
+    x = torch.randn(rows, 64)
+    ids = torch.tensor([3, 0, 3, 1, 1, 1, 0, 3, 3, 0] * (rows // 10))  # runs and scattered rows
     out = expert_linear(x, ids, codes, groups, scale, 4, 32, 64)
     expected = torch.stack([encs[e].dequantize().double() @ x[s].double() for s, e in enumerate(ids.tolist())])
-    assert out.shape == (10, 48) and out.is_contiguous()
+    assert out.shape == (rows, 48) and out.is_contiguous()
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -330,8 +331,14 @@ def test_load_refuses_experts_into_another_architecture(tmp_path):
     assert not any(isinstance(m, CompressedExperts) for m in other.modules())
 
 
-@pytest.mark.parametrize("tokens", [1, 12])  # decode: per-row rs::linear lowering; prefill: grouped fallback
+@pytest.mark.parametrize("tokens", [1, 12])  # a decode step and a prefill
 def test_inductor_compiled_experts_match_eager(tokens):
+    """On CPU the compiled graph calls the kernel directly on the selected experts' codes (views
+    of the stacked buffers: no index_select copy of an expert, no per-row rs::linear)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from rs_compile.lowering import cpu_kernel
+
     torch.manual_seed(0)
     model = _qwen3_moe().eval()
     experts = rs_compile.convert(model).model.layers[0].mlp.experts
@@ -340,8 +347,13 @@ def test_inductor_compiled_experts_match_eager(tokens):
     index = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(tokens)])
     weights = torch.rand(tokens, 2, generator=gen)
     with torch.no_grad():
-        got = torch.compile(experts, backend="inductor", fullgraph=True)(x, index, weights)
+        compiled = torch.compile(experts, backend="inductor", fullgraph=True)
+        got, code = run_and_get_code(compiled, x, index, weights)
         torch.testing.assert_close(got, experts(x, index, weights), rtol=0, atol=1e-5)
+    if cpu_kernel.kernel() is not None:
+        code = "\n".join(code)
+        assert code.count("extern_kernels.rs_cpu_expert_linear(") == 2  # gate_up and down
+        assert "index_select" not in code and "rs_cpu_linear(" not in code
 
 
 def test_bfloat16_model_experts_are_compressed():

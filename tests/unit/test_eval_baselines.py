@@ -97,3 +97,29 @@ def test_invalid_inputs_raise(fn):
         fn(torch.zeros(64))
     with pytest.raises(ValueError, match="group_size"):
         fn(torch.zeros(4, 64), group_size=0)
+
+
+def _rtn_layer(seed=0):
+    """A weight and correlated inputs with features of very different scales (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(40, 100, generator=g) * 0.05
+    x = (torch.randn(512, 100, generator=g) @ (torch.randn(100, 100, generator=g) / 10)
+         * torch.logspace(-1, 0.5, 100)).double()
+    return w, x
+
+
+def test_gptq_on_the_rtn_grid_stays_on_the_stored_grid_and_lowers_the_output_error():
+    from rs_compile.eval.baselines import gptq, searched_scales
+
+    w, x = _rtn_layer()
+    levels = tuple(range(-7, 8))
+    hessian = x.T @ x / len(x)
+    out_error = lambda w_hat: float((x @ (w - w_hat).double().T).square().sum())  # noqa: E731
+    calibrated, free = gptq(w, hessian, levels, 32), searched_scales(w, levels, 32)
+    assert calibrated.shape == w.shape and out_error(calibrated) < 0.75 * out_error(free)
+    # every group: integers -7..7 times one scale, which some |top| / |level| recovers
+    table = torch.tensor(levels, dtype=torch.float64)
+    groups = torch.nn.functional.pad(calibrated, (0, 28)).view(-1, 32).double()
+    for vals in groups[groups.abs().sum(-1) > 0]:
+        scales = vals.abs().max() / torch.arange(1, 8, dtype=torch.float64)
+        assert any(((vals / s).unsqueeze(-1) - table).abs().min(-1).values.max() < 1e-4 for s in scales)
