@@ -148,7 +148,8 @@ def convert(
     if new and callable(getattr(type(model), "save_pretrained", None)):
         from rs_compile.hf_quantizer import enable_save_pretrained  # transformers is loaded already
 
-        enable_save_pretrained(model, dataclasses.asdict(config))
+        options = {**dataclasses.asdict(encoding), **dataclasses.asdict(compile_config)}
+        enable_save_pretrained(model, options)
     model.rs_report = report
     return model
 
