@@ -71,6 +71,30 @@ def test_compile_for_generation_is_keyed_on_the_sources():
     assert_keyed_on_the_sources(generate)
 
 
+def test_compile_for_generation_without_module_guards_still_checks_weight_shapes():
+    """Module guards are skipped by default (rs_compile.generation): a weight replaced by one of
+    another shape must raise, not be misread; one of the same shape is read afresh."""
+    model = rs_compile.convert(configs.gpt2("tiny"))
+    prompt = torch.randint(0, 1024, (1, 6), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    compiled = compile_for_generation(copy.deepcopy(model))
+    eager = copy.deepcopy(model)
+
+    def logits(m):
+        with torch.inference_mode():
+            return m.generate(prompt, max_new_tokens=2, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True).logits[-1]
+
+    torch.testing.assert_close(logits(compiled), logits(eager), rtol=1e-4, atol=1e-4)
+    for m in (compiled, eager):  # same shape, new values: both must see them
+        m.transformer.h[0].mlp.c_fc.row_scale.mul_(2)
+    torch.testing.assert_close(logits(compiled), logits(eager), rtol=1e-4, atol=1e-4)
+    layer = compiled.transformer.h[0].mlp.c_fc
+    layer.codes = layer.codes[:-1].clone()  # a buffer: one row short
+    with pytest.raises(AssertionError, match="size"):
+        logits(compiled)
+
+
 class CountingPass(CustomGraphPass):
     """A user's own post-grad pass."""
 
